@@ -1,0 +1,161 @@
+"""How much VRAM a model needs to sit fully on one GPU. Pure functions.
+
+Sources, best first: what ``/api/ps`` showed for the model fully on GPU (now, or learned before);
+an estimate from ``/api/show`` metadata with Ollama's classic formula; the file size with a stated
+overhead; unknown. Every figure carries its source so the report can show how sure it is.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gpu_router.state import MIB, ClusterState, ModelInfo, Processor
+
+# Ollama reserves this much per GPU before placing any layer (ml/device.go MinimumMemory, CUDA/ROCm).
+GPU_MINIMUM_BYTES = 457 * MIB
+# Without metadata, weights are the file; KV cache, graph and buffers are taken as 20% more.
+FILE_OVERHEAD_RATIO = 1.2
+# Ollama's default micro-batch; the graph scales with min(num_batch, num_ctx).
+NUM_BATCH = 512
+
+
+class SizeSource(str, enum.Enum):
+    """How a size figure was obtained, most trustworthy first."""
+
+    OBSERVED = "observed"
+    ESTIMATED = "estimated"
+    FILE = "file"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """VRAM a model needs, where that figure came from, and how it was made up."""
+
+    need_bytes: int | None
+    source: SizeSource
+    detail: str = ""
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """The parts of a formula estimate, in bytes."""
+
+    weights_bytes: int
+    kv_bytes: int
+    graph_bytes: int
+    minimum_bytes: int
+    buffer_bytes: int
+    context_length: int
+
+    @property
+    def total_bytes(self) -> int:
+        """The sum that must fit on one GPU."""
+        return self.weights_bytes + self.kv_bytes + self.graph_bytes + self.minimum_bytes + self.buffer_bytes
+
+
+def effective_context(info: ModelInfo, default_num_ctx: int) -> int:
+    """The context a model runs with: its own num_ctx, else the configured one, clamped to training."""
+    ctx = info.num_ctx or default_num_ctx
+    if info.context_length:
+        ctx = min(ctx, info.context_length)
+    return max(ctx, 1)
+
+
+def breakdown(info: ModelInfo, file_size_bytes: int, default_num_ctx: int) -> Breakdown | None:
+    """Ollama's classic (<= v0.12) full-offload estimate; None when metadata is missing.
+
+    VRAM ~= W + KV(C) + graph(C) + 457 MiB + one layer of buffer (W/L + KV/L).
+    """
+    layers, embed, heads = info.block_count, info.embedding_length, info.head_count
+    if not layers or not embed or not heads:
+        return None
+    kv_heads = info.head_count_kv or heads
+    ctx = effective_context(info, default_num_ctx)
+    head_dim = embed // heads
+    key_len = info.key_length or head_dim
+    value_len = info.value_length or head_dim
+    kv = layers * ctx * (key_len + value_len) * kv_heads * 2  # f16: 2 bytes per element
+    batch = min(NUM_BATCH, ctx)
+    if info.architecture == "llama":
+        graph = 4 * batch * (1 + 4 * embed + ctx * (1 + heads))
+        if info.vocab_size:
+            graph = max(graph, 4 * batch * (embed + info.vocab_size))
+    else:
+        # Ollama's fallback for architectures without their own GraphSize case.
+        graph = (heads // max(kv_heads, 1)) * kv // 6
+    return Breakdown(
+        weights_bytes=file_size_bytes,
+        kv_bytes=kv,
+        graph_bytes=graph,
+        minimum_bytes=GPU_MINIMUM_BYTES,
+        buffer_bytes=file_size_bytes // layers + kv // layers,
+        context_length=ctx,
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:,.0f} MiB"
+
+
+def estimate(info: ModelInfo | None, file_size_bytes: int | None, default_num_ctx: int) -> SizeEstimate:
+    """Size from metadata, else from the file, else unknown."""
+    if info is not None and file_size_bytes:
+        b = breakdown(info, file_size_bytes, default_num_ctx)
+        if b is not None:
+            detail = (
+                f"weights {_mib(b.weights_bytes)} + KV {_mib(b.kv_bytes)} + graph {_mib(b.graph_bytes)}"
+                f" + minimum {_mib(b.minimum_bytes)} + buffer {_mib(b.buffer_bytes)}"
+                f" at ctx {b.context_length}"
+            )
+            return SizeEstimate(b.total_bytes, SizeSource.ESTIMATED, detail, b.context_length)
+    if file_size_bytes:
+        need = int(file_size_bytes * FILE_OVERHEAD_RATIO) + GPU_MINIMUM_BYTES
+        detail = f"file {_mib(file_size_bytes)} x {FILE_OVERHEAD_RATIO} + minimum {_mib(GPU_MINIMUM_BYTES)}"
+        return SizeEstimate(need, SizeSource.FILE, detail)
+    return SizeEstimate(None, SizeSource.UNKNOWN, "no size on any node")
+
+
+def observed_size(state: ClusterState, model: str) -> tuple[int, str] | None:
+    """The largest ``size`` of ``model`` seen fully on GPU right now, and where."""
+    best: tuple[int, str] | None = None
+    for node in state.nodes:
+        loaded = node.loaded_model(model) if node.up else None
+        if (
+            loaded is not None
+            and loaded.processor is Processor.GPU
+            and (best is None or loaded.size_bytes > best[0])
+        ):
+            best = (loaded.size_bytes, node.name)
+    return best
+
+
+def model_need(
+    state: ClusterState,
+    model: str,
+    default_num_ctx: int,
+    learned: Mapping[str, int] | None = None,
+) -> SizeEstimate:
+    """The VRAM ``model`` needs, from the best source available."""
+    seen = observed_size(state, model)
+    if seen is not None:
+        return SizeEstimate(seen[0], SizeSource.OBSERVED, f"/api/ps on {seen[1]}, fully on GPU")
+    if learned and learned.get(model):
+        return SizeEstimate(learned[model], SizeSource.OBSERVED, "learned from an earlier /api/ps")
+    info: ModelInfo | None = None
+    file_size: int | None = None
+    for node in state.nodes:
+        if info is None:
+            info = node.info.get(model)
+        inst = node.installed_model(model)
+        if inst is not None and inst.size_bytes > 0:
+            file_size = max(file_size or 0, inst.size_bytes)
+    return estimate(info, file_size, default_num_ctx)
+
+
+def span_need(need_bytes: int, gpu_count: int) -> int:
+    """VRAM a model needs when split over ``gpu_count`` GPUs: each GPU pays Ollama's minimum."""
+    return need_bytes + (gpu_count - 1) * GPU_MINIMUM_BYTES

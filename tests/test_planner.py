@@ -1,0 +1,297 @@
+"""The planner: placement rule, room-making policy, replicas, failover, and its invariants."""
+
+from __future__ import annotations
+
+from builders import NOW, cluster, config, gib, learned, loaded, node
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpu_router.config import PriorityModel
+from gpu_router.planner import ActionKind, Placement, Verdict, capacity, plan
+from gpu_router.state import ClusterState, NodeStatus, VramSource
+
+M = "m:latest"
+
+
+def verdicts(p, model=M):
+    return {f.node: f.verdict for f in p.model(model).fits}
+
+
+def actions(p):
+    return [(a.kind.value, a.node, a.model) for a in p.actions]
+
+
+def test_usable_and_free_follow_margin_and_reserve():
+    n = node("a", (10,), used_gib=(2,))
+    cap = capacity(n, config(vram_safety_margin=0.9, vram_reserve_bytes=gib(1)))
+    assert cap.gpus[0].usable_bytes == gib(10) * 9 // 10 - gib(1)
+    assert cap.gpus[0].free_bytes == cap.gpus[0].usable_bytes - gib(2)
+
+
+def test_priority_model_already_on_gpu_gets_no_action():
+    state = cluster(node("a", loaded_models=(loaded(M, 3, pinned=True),)), node("b"))
+    p = plan(state, config(M))
+    assert p.actions == ()
+    assert verdicts(p)["a"] is Verdict.RESIDENT
+    d = p.model(M).decision
+    assert (d.placement, d.node) == (Placement.GPU, "a")
+
+
+def test_best_fit_takes_the_tightest_gpu_and_keeps_big_holes():
+    # 3 GiB fits both; b (8 GiB card, 6.4 usable) leaves less than c (24 GiB card).
+    state = cluster(node("c", (24,), installed={M: 2}), node("b", (8,), installed={M: 2}))
+    p = plan(state, config(M), learned=learned(m__latest=3))
+    assert actions(p) == [("load", "b", M)]
+    assert p.model(M).decision.node == "b"
+
+
+def test_ties_go_to_the_node_listed_first():
+    state = cluster(node("x", (8,), installed={M: 2}), node("y", (8,), installed={M: 2}))
+    assert actions(plan(state, config(M), learned=learned(m__latest=3))) == [("load", "x", M)]
+
+
+def test_never_plans_two_models_into_room_for_one():
+    # a has 6.4 GiB usable: room for one 4 GiB model, not two.
+    state = cluster(node("a", (8,), installed={"p1:latest": 2, "p2:latest": 2}))
+    p = plan(state, config("p1:latest", "p2:latest"), learned=learned(p1__latest=4, p2__latest=4))
+    assert actions(p) == [("load", "a", "p1:latest")]
+    assert verdicts(p, "p2:latest")["a"] is Verdict.NO_ROOM
+    assert p.model("p2:latest").decision.placement is Placement.NONE
+
+
+def test_too_large_is_never_placed_and_says_why():
+    state = cluster(node("a", (8,), installed={M: 9}))
+    p = plan(state, config(M), learned=learned(m__latest=7))
+    assert p.actions == ()
+    f = p.model(M).fits[0]
+    assert f.verdict is Verdict.TOO_LARGE
+    assert "needs 7.0 GiB, usable VRAM is 6.4 GiB" in f.reason
+
+
+def test_reasons_for_nodes_that_cannot_hold_it():
+    state = cluster(
+        node("down", status=NodeStatus.DOWN, error="GET /api/ps: connection refused"),
+        node("cpu", None, installed={M: 1}),
+        node("unknown", (), installed={M: 1}, source=VramSource.UNKNOWN),
+        node("missing", (8,)),
+    )
+    p = plan(state, config(M), learned=learned(m__latest=2))
+    v = verdicts(p)
+    assert v == {
+        "down": Verdict.NODE_DOWN,
+        "cpu": Verdict.NO_GPU,
+        "unknown": Verdict.VRAM_UNKNOWN,
+        "missing": Verdict.NOT_INSTALLED,
+    }
+    reasons = {f.node: f.reason for f in p.model(M).fits}
+    assert "connection refused" in reasons["down"]
+    assert "no GPU source configured" in reasons["unknown"]
+    assert p.model(M).decision.placement is Placement.NONE
+
+
+def test_resident_model_proves_a_fit_even_when_vram_is_unknown():
+    state = cluster(node("u", (), loaded_models=(loaded(M, 3),), source=VramSource.UNKNOWN))
+    assert verdicts(plan(state, config(M)))["u"] is Verdict.RESIDENT
+
+
+def test_idle_policy_unloads_idle_models_soonest_expiring_first_never_pinned_or_priority():
+    models = (
+        loaded("late:latest", 2, expires_in_s=3000),
+        loaded("soon:latest", 2, expires_in_s=60),
+        loaded("pinned:latest", 1, pinned=True),
+    )
+    state = cluster(node("a", (8,), loaded_models=models, installed={M: 2}))
+    # usable 6.4, used 5 -> free 1.4; M needs 3: unloading "soon" (2) gives 3.4.
+    p = plan(state, config(M), learned=learned(m__latest=3))
+    assert actions(p) == [("unload", "a", "soon:latest"), ("load", "a", M)]
+    assert p.actions[0].for_model == M
+    assert verdicts(p)["a"] is Verdict.FITS_AFTER_EVICTION
+
+
+def test_idle_policy_does_not_touch_a_pinned_model_but_any_does():
+    state = cluster(node("a", (8,), loaded_models=(loaded("big:latest", 5, pinned=True),), installed={M: 2}))
+    need = learned(m__latest=3)
+    assert plan(state, config(M), learned=need).actions == ()
+    assert actions(plan(state, config(M, evict="any"), learned=need)) == [
+        ("unload", "a", "big:latest"),
+        ("load", "a", M),
+    ]
+
+
+def test_never_policy_makes_no_room():
+    state = cluster(node("a", (8,), loaded_models=(loaded("x:latest", 5),), installed={M: 2}))
+    assert plan(state, config(M, evict="never"), learned=learned(m__latest=3)).actions == ()
+
+
+def test_a_priority_model_is_never_evicted_for_another():
+    state = cluster(node("a", (8,), loaded_models=(loaded("p1:latest", 5),), installed={"p2:latest": 2}))
+    p = plan(state, config("p1:latest", "p2:latest", evict="any"), learned=learned(p2__latest=3))
+    assert p.actions == ()
+
+
+def test_fit_without_eviction_is_preferred_over_making_room():
+    busy = node("a", (8,), loaded_models=(loaded("x:latest", 5),), installed={M: 2})
+    free = node("b", (8,), installed={M: 2})
+    assert actions(plan(cluster(busy, free), config(M), learned=learned(m__latest=3))) == [("load", "b", M)]
+
+
+def test_partial_priority_model_is_reloaded_only_when_it_will_then_fit():
+    # 4 GiB model, 2.5 of it in VRAM; free 6.4 - 2.5 = 3.9 plus its own 2.5 back = 6.4 >= 4.
+    part = loaded(M, 4, 2.5)
+    p = plan(cluster(node("a", (8,), loaded_models=(part,))), config(M))
+    assert actions(p) == [("unload", "a", M), ("load", "a", M)]
+    assert "now 38%/62% CPU/GPU" in p.actions[1].reason
+    # On a 4 GiB card (3.2 usable) it will not fit fully: leave it alone.
+    small = plan(cluster(node("a", (4,), loaded_models=(part,))), config(M))
+    assert small.actions == ()
+    assert small.model(M).decision.placement is Placement.GPU  # where it is, partially
+
+
+def test_replicas_go_to_distinct_nodes():
+    state = cluster(*(node(n, (8,), installed={M: 2}) for n in "abc"))
+    p = plan(state, config(PriorityModel(M, replicas=2)), learned=learned(m__latest=3))
+    assert actions(p) == [("load", "a", M), ("load", "b", M)]
+    assert p.model(M).decision.nodes == ("a", "b")
+    every = plan(state, config(PriorityModel(M, replicas="all")), learned=learned(m__latest=3))
+    assert [a.node for a in every.actions] == ["a", "b", "c"]
+
+
+def test_nodes_list_restricts_placement():
+    state = cluster(node("a", (8,), installed={M: 2}), node("b", (24,), installed={M: 2}))
+    p = plan(state, config(PriorityModel(M, nodes=("b",))), learned=learned(m__latest=3))
+    assert actions(p) == [("load", "b", M)]
+    assert verdicts(p)["a"] is Verdict.NOT_ALLOWED
+
+
+def test_failover_then_no_flap_when_the_node_returns():
+    down = cluster(node("a", status=NodeStatus.DOWN, error="refused"), node("b", (8,), installed={M: 2}))
+    assert actions(plan(down, config(M), learned=learned(m__latest=3))) == [("load", "b", M)]
+    # a is back (models dropped by its restart); M is on b: nothing moves back.
+    back = cluster(node("a", (8,), installed={M: 2}), node("b", (8,), loaded_models=(loaded(M, 3, pinned=True),)))
+    assert plan(back, config(M)).actions == ()
+
+
+def test_cpu_fallback_loads_on_a_cpu_node_only_when_asked():
+    state = cluster(node("a", (4,), installed={M: 5}), node("cpu", None, installed={M: 5}))
+    need = learned(m__latest=6)
+    assert plan(state, config(M), learned=need).actions == ()
+    p = plan(state, config(M, cpu_fallback=True), learned=need)
+    assert actions(p) == [("load", "cpu", M)]
+    assert p.model(M).decision.placement is Placement.CPU
+    assert "cpu_fallback" in p.model(M).decision.reason
+
+
+def test_multi_gpu_prefers_one_gpu_and_spans_when_needed():
+    n = node("a", (8, 8), installed={M: 2, "big:latest": 9})
+    p = plan(cluster(n), config(M, "big:latest"), learned=learned(m__latest=3, big__latest=9))
+    by_model = {a.model: a for a in p.actions}
+    assert by_model[M].gpus == (0,)
+    # 9 GiB does not fit one 6.4 GiB usable GPU; after M takes 3 on GPU 0, 3.4 + 6.4 is left for 9 + 457 MiB.
+    assert by_model["big:latest"].gpus == (0, 1)
+
+
+def test_backoff_pairs_are_skipped():
+    state = cluster(node("a", (8,), installed={M: 2}), node("b", (8,), installed={M: 2}))
+    p = plan(state, config(M), learned=learned(m__latest=3), backoff={(M, "a")})
+    assert actions(p) == [("load", "b", M)]
+    assert verdicts(p)["a"] is Verdict.BACKOFF
+
+
+def test_embedding_only_models_are_loaded_as_such():
+    from gpu_router.state import ModelInfo
+
+    info = {M: ModelInfo(M, "bert", ("embedding",), 12, 384, 12, 12, context_length=512)}
+    state = cluster(node("a", (8,), installed={M: 0.1}, info=info))
+    p = plan(state, config(M))
+    assert p.actions[0].embedding is True
+
+
+def test_non_priority_models_get_a_decision_but_no_action():
+    state = cluster(node("a", (8,), installed={"x:latest": 2}))
+    p = plan(state, config(), learned=learned(x__latest=3))
+    assert p.actions == ()
+    m = p.model("x:latest")
+    assert not m.priority
+    assert (m.decision.placement, m.decision.node) == (Placement.GPU, "a")
+
+
+# Properties
+
+
+@st.composite
+def clusters(draw):
+    names = [f"m{i}:latest" for i in range(draw(st.integers(1, 6)))]
+    nodes = []
+    for i in range(draw(st.integers(1, 5))):
+        gpus = tuple(draw(st.lists(st.sampled_from([4, 8, 12, 24]), min_size=0, max_size=3)))
+        inst = {m: 1.0 for m in names if draw(st.booleans())}
+        lm = []
+        for m in inst:
+            if draw(st.integers(0, 3)) == 0:
+                size = draw(st.floats(0.5, 10))
+                frac = draw(st.sampled_from([0.0, 0.5, 1.0])) if gpus else 0.0
+                lm.append(loaded(m, size, size * frac, pinned=draw(st.booleans()), expires_in_s=draw(st.integers(1, 900))))
+        status = draw(st.sampled_from([NodeStatus.UP, NodeStatus.UP, NodeStatus.UP, NodeStatus.DOWN]))
+        nodes.append(node(f"n{i}", gpus if gpus else None, installed=inst, loaded_models=tuple(lm), status=status,
+                          error="refused"))
+    sizes = {m: gib(draw(st.floats(0.2, 30))) for m in names}
+    prio = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
+    evict = draw(st.sampled_from(["never", "idle", "any"]))
+    margin = draw(st.sampled_from([0.5, 0.8, 1.0]))
+    return cluster(*nodes), config(*prio, evict=evict, vram_safety_margin=margin), sizes
+
+
+@settings(max_examples=300, deadline=None)
+@given(clusters())
+def test_never_overbooks_a_gpu(case):
+    state, cfg, sizes = case
+    p = plan(state, cfg, learned=sizes)
+    caps = {c.node: c for c in p.nodes}
+    for n in state.nodes:
+        loads = [a for a in p.actions if a.node == n.name and a.kind is ActionKind.LOAD]
+        if not loads or not caps[n.name].gpus:
+            continue
+        freed = sum(m.vram_bytes for m in n.loaded
+                    if any(a.kind is ActionKind.UNLOAD and a.node == n.name and a.model == m.name for a in p.actions))
+        free = sum(g.free_bytes for g in caps[n.name].gpus)
+        # Every GPU load is planned within the free usable VRAM plus what the planned unloads return.
+        assert sum(a.need_bytes for a in loads) <= free + freed
+        for a in loads:
+            if len(a.gpus) == 1:
+                assert a.need_bytes <= caps[n.name].gpus[a.gpus[0]].usable_bytes
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters())
+def test_deterministic(case):
+    state, cfg, sizes = case
+    assert plan(state, cfg, learned=sizes) == plan(state, cfg, learned=sizes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(clusters())
+def test_a_model_bigger_than_every_usable_gpu_is_never_placed_on_one(case):
+    state, cfg, sizes = case
+    p = plan(state, cfg, learned=sizes)
+    for a in p.actions:
+        if a.kind is not ActionKind.LOAD or not a.gpus:
+            continue
+        cap = next(c for c in p.nodes if c.node == a.node)
+        usable = [cap.gpus[i].usable_bytes for i in a.gpus]
+        assert a.need_bytes <= sum(usable)
+        assert len(a.gpus) > 1 or a.need_bytes <= usable[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters())
+def test_never_unloads_a_priority_model_for_another(case):
+    state, cfg, sizes = case
+    prio = {pm.name for pm in cfg.priority_models}
+    for a in plan(state, cfg, learned=sizes).actions:
+        if a.kind is ActionKind.UNLOAD and a.model in prio:
+            assert a.for_model == a.model  # only its own partial copy, reloaded in place
+
+
+def test_observed_at_is_what_pinned_is_measured_from():
+    state = ClusterState(cluster(node("a")).nodes, observed_at=NOW)
+    assert plan(state, config()).models == ()

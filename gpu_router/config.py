@@ -1,0 +1,917 @@
+"""YAML configuration -> frozen :class:`Config`.
+
+The file is composed (not constructed) with PyYAML's safe loader so that every value keeps the line it
+came from; a hand-written walker then checks each key and raises one :class:`ConfigError` that names
+the file, the line and the key path (``nodes[1].url``). Nothing here logs or prints a header value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, NoReturn, cast
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+GpuKind = Literal["auto", "nvml", "exporter", "static", "none"]
+EvictPolicy = Literal["never", "idle", "any"]
+
+EX_CONFIG = 78  # sysexits.h: a configuration error; systemd must not restart-loop on it
+
+DEFAULT_CONFIG_PATH = pathlib.Path("/etc/gpu-router/config.yaml")
+"""Where the daemon looks last, and where install.sh puts the example."""
+
+DEFAULT_STATE_DIR = pathlib.Path("/var/lib/gpu-router")
+"""The system state directory, used when writable and nothing more specific is set."""
+
+CONFIG_ENV = "GPU_ROUTER_CONFIG"
+"""Environment variable naming the config file (after ``--config``)."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EVICT_POLICIES: tuple[EvictPolicy, ...] = ("never", "idle", "any")
+
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """How to learn a node's GPU memory."""
+
+    kind: GpuKind = "auto"
+    exporter_url: str | None = None  # kind == "exporter"
+    vram_bytes: tuple[int, ...] = ()  # kind == "static": one total per GPU
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One Ollama server. Its ``repr`` shows header names only, never their values."""
+
+    name: str  # default: host:port of the url
+    url: str  # normalised: scheme://host:port, no trailing slash
+    gpu: GpuSpec = GpuSpec()
+    # Sent with every request to this node; never logged or printed. hash=False keeps the node hashable.
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def __repr__(self) -> str:
+        hidden = ", ".join(self.headers)
+        return (
+            f"NodeConfig(name={self.name!r}, url={self.url!r}, gpu={self.gpu!r}, "
+            f"headers=<{len(self.headers)} hidden{': ' + hidden if hidden else ''}>)"
+        )
+
+
+@dataclass(frozen=True)
+class PriorityModel:
+    """A model that should stay resident on GPU."""
+
+    name: str  # normalised: a tag is always present ("x" -> "x:latest")
+    replicas: int | Literal["all"] = 1
+    nodes: tuple[str, ...] = ()  # node names allowed to hold it; empty = any
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration. Built once per (re)load and never mutated."""
+
+    nodes: tuple[NodeConfig, ...]
+    priority_models: tuple[PriorityModel, ...] = ()
+    check_interval_s: float = 300.0
+    watch_interval_s: float = 10.0  # 0 = off
+    vram_safety_margin: float = 0.8
+    vram_reserve_bytes: int = 0
+    auto_optimize: bool = True
+    request_timeout_s: float = 5.0
+    load_timeout_s: float = 300.0
+    num_ctx: int = 4096
+    log_level: str = "INFO"
+    evict: EvictPolicy = "idle"
+    cpu_fallback: bool = False
+    state_dir: str | None = None
+    path: str = ""  # the file it came from, for messages
+
+
+def normalize_model_name(name: str) -> str:
+    """Ollama's display name: a tag is always present (``llama3`` -> ``llama3:latest``)."""
+    name = name.strip()
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+class ConfigError(Exception):
+    """A configuration problem: ``str(e)`` is ``"<path>:<line>: <key>: <message>"``.
+
+    ``line`` is 1-based or None; ``key`` is a dotted path such as ``nodes[1].url`` or empty. Parts that
+    are empty are left out of ``str(e)``.
+    """
+
+    def __init__(self, path: str, line: int | None, key: str, message: str) -> None:
+        super().__init__(path, line, key, message)
+        self.path = path
+        self.line = line
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        parts = [p for p in (where, self.key, self.message) if p]
+        return ": ".join(parts)
+
+
+class ConfigNotFound(ConfigError):
+    """No config file where one was asked for or searched; the message says how to make one."""
+
+
+# --------------------------------------------------------------------------- durations
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration such as ``"30s"``, ``"5m"``, ``"1h30m"`` or ``"1.5s"``.
+
+    Raises ValueError for anything else, including a bare number: a unit is required.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    total = 0.0
+    pos = 0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            raise ValueError(f"not a duration: {text!r}")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+# --------------------------------------------------------------------------- YAML walking
+
+_T = "tag:yaml.org,2002:"
+_STR, _INT, _FLOAT, _BOOL, _NULL = _T + "str", _T + "int", _T + "float", _T + "bool", _T + "null"
+_MERGE = _T + "merge"
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_VAR_REF = re.compile(r"\$\{([^}]*)\}")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+_TOP_KEYS = (
+    "nodes",
+    "priority_models",
+    "check_interval",
+    "watch_interval",
+    "vram_safety_margin",
+    "vram_reserve_mb",
+    "auto_optimize",
+    "request_timeout",
+    "load_timeout",
+    "num_ctx",
+    "evict",
+    "cpu_fallback",
+    "state_dir",
+    "log_level",
+)
+_NODE_KEYS = ("url", "name", "gpu", "headers")
+_GPU_KEYS = ("exporter", "vram_mb")
+_MODEL_KEYS = ("name", "replicas", "nodes")
+
+_Pairs = dict[str, tuple[yaml.Node, yaml.Node]]
+
+
+def _join(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _plain_float(node: yaml.Node) -> float | None:
+    """The value of an unquoted scalar that YAML 1.1 reads as a string but is a number to a person
+    (``1e-5``: PyYAML's float needs a dot and a signed exponent)."""
+    if not (isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.style is None):
+        return None
+    try:
+        return float(str(node.value))
+    except ValueError:
+        return None
+
+
+def _quoted_number(node: yaml.Node) -> bool:
+    if not (isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.style in ("'", '"')):
+        return False
+    try:
+        float(str(node.value).strip())
+    except ValueError:
+        return False
+    return True
+
+
+class _Walker:
+    """Turns a composed YAML tree into a Config, raising ConfigError at the first problem."""
+
+    def __init__(self, path: str, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.environ = environ
+        self._constructor = SafeConstructor()
+
+    # ----------------------------------------------------------------- errors and descriptions
+
+    def fail(self, node: yaml.Node | None, key: str, message: str) -> NoReturn:
+        raise ConfigError(self.path, _line(node) if node is not None else None, key, message)
+
+    @staticmethod
+    def describe(node: yaml.Node, *, secret: bool = False) -> str:
+        """What the user wrote, in words; with ``secret`` the value itself is left out."""
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        assert isinstance(node, yaml.ScalarNode)
+        text = str(node.value)
+        if node.tag == _NULL:
+            return "no value"
+        if node.tag == _BOOL:
+            return "a boolean" if secret else f"a boolean ({text})"
+        if node.tag in (_INT, _FLOAT):
+            return "a number" if secret else f"the number {text}"
+        if node.tag == _STR:
+            return "a string" if secret else f"a string {_short(text)}"
+        return f"a value tagged {node.tag}"
+
+    def type_error(self, node: yaml.Node, key: str, expected: str, *, numeric: bool = False) -> NoReturn:
+        hint = ""
+        if numeric and _quoted_number(node):
+            hint = " (remove the quotes)"
+        self.fail(node, key, f"expected {expected}, got {self.describe(node)}{hint}")
+
+    # ----------------------------------------------------------------- pre-pass
+
+    def prepare(self, root: yaml.Node) -> None:
+        """Reject duplicate keys, then resolve ``<<`` merges, over the whole tree once."""
+        seen: set[int] = set()
+        stack: list[tuple[yaml.Node, str]] = [(root, "")]
+        duplicates: list[tuple[int, str, str]] = []  # the earliest in the file is reported
+        while stack:
+            node, key = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                first: dict[str, int] = {}
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.tag == _STR:
+                        name = str(k.value)
+                        if name in first:
+                            duplicates.append(
+                                (_line(k), _join(key, name), f"duplicate key (first at line {first[name]})")
+                            )
+                        else:
+                            first[name] = _line(k)
+                        stack.append((v, _join(key, name)))
+                    else:
+                        stack.append((v, key))
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend((item, f"{key}[{i}]") for i, item in enumerate(node.value))
+        if duplicates:
+            line, key, message = min(duplicates)
+            raise ConfigError(self.path, line, key, message)
+        # Merges after the duplicate check: a key written beside `<<:` legitimately overrides a merged one.
+        for node in self._mappings(root):
+            try:
+                self._constructor.flatten_mapping(node)
+            except yaml.MarkedYAMLError as e:
+                mark = e.problem_mark or e.context_mark
+                raise ConfigError(
+                    self.path, mark.line + 1 if mark else None, "", f"invalid YAML merge: {e.problem}"
+                ) from None
+
+    @staticmethod
+    def _mappings(root: yaml.Node) -> list[yaml.MappingNode]:
+        out: list[yaml.MappingNode] = []
+        seen: set[int] = set()
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                out.append(node)
+                for k, v in node.value:
+                    stack.extend((k, v))
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+        return out
+
+    # ----------------------------------------------------------------- containers
+
+    def mapping(self, node: yaml.Node, key: str, expected: str, allowed: Iterable[str] | None) -> _Pairs:
+        """The pairs of a mapping, last one winning (merges come first); unknown keys are errors."""
+        if not isinstance(node, yaml.MappingNode):
+            self.type_error(node, key, expected)
+        pairs: _Pairs = {}
+        allowed = tuple(allowed) if allowed is not None else None
+        for k, v in node.value:
+            if not (isinstance(k, yaml.ScalarNode) and k.tag == _STR):
+                self.fail(k, key, f"keys must be strings, got {self.describe(k)}")
+            name = str(k.value)
+            if allowed is not None and name not in allowed:
+                hint = _did_you_mean(name, allowed) or f" (expected one of: {', '.join(allowed)})"
+                self.fail(k, _join(key, name), f"unknown key{hint}")
+            pairs[name] = (k, v)
+        return pairs
+
+    def sequence(self, node: yaml.Node, key: str, expected: str) -> list[yaml.Node]:
+        """The items of a list; a string is never taken for a list of characters."""
+        if not isinstance(node, yaml.SequenceNode):
+            self.type_error(node, key, expected)
+        return list(node.value)
+
+    # ----------------------------------------------------------------- scalars
+
+    def scalar(self, node: yaml.ScalarNode, key: str) -> object:
+        """The Python value of a plain scalar (str, int, float, bool or None)."""
+        construct: dict[str, Callable[[yaml.ScalarNode], object]] = {
+            _STR: lambda n: str(n.value),
+            _INT: self._constructor.construct_yaml_int,
+            _FLOAT: self._constructor.construct_yaml_float,
+            _BOOL: self._constructor.construct_yaml_bool,
+            _NULL: self._constructor.construct_yaml_null,
+        }
+        fn = construct.get(node.tag)
+        if fn is None:
+            self.fail(node, key, f"unsupported YAML value {self.describe(node)}")
+        try:
+            return fn(node)
+        except (ValueError, KeyError, TypeError):
+            self.fail(node, key, f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}")
+
+    def string(self, node: yaml.Node, key: str, expected: str = "a string") -> str:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            return str(node.value)
+        self.type_error(node, key, expected)
+
+    def number(self, node: yaml.Node, key: str, expected: str = "a number") -> float:
+        plain = _plain_float(node)
+        if plain is not None or (isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT)):
+            value = plain if plain is not None else self.scalar(cast(yaml.ScalarNode, node), key)
+            assert isinstance(value, (int, float))
+            if not math.isfinite(value):
+                self.fail(node, key, f"expected a finite number, got {node.value}")
+            return value
+        self.type_error(node, key, expected, numeric=True)
+
+    def integer(self, node: yaml.Node, key: str) -> int:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
+            value = self.scalar(node, key)
+            assert isinstance(value, int)
+            return value
+        self.type_error(node, key, "a whole number", numeric=True)
+
+    def boolean(self, node: yaml.Node, key: str) -> bool:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _BOOL:
+            return bool(self.scalar(node, key))
+        self.type_error(node, key, "true or false")
+
+    def duration(self, node: yaml.Node, key: str) -> float:
+        expected = "seconds or a duration such as '30s', '5m' or '1h'"
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            try:
+                return parse_duration(str(node.value))
+            except ValueError:
+                if _plain_float(node) is None:
+                    self.type_error(node, key, expected, numeric=True)
+        return self.number(node, key, expected)
+
+    def choice(self, node: yaml.Node, key: str, choices: Iterable[str]) -> str:
+        """One of ``choices``, matched case-insensitively; returns the canonical spelling."""
+        choices = tuple(choices)
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            text = str(node.value).strip()
+            for c in choices:
+                if text.lower() == c.lower():
+                    return c
+            by_lower = {c.lower(): c for c in choices}
+            close = difflib.get_close_matches(text.lower(), list(by_lower), n=1, cutoff=0.6)
+            hint = f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+            self.fail(node, key, f"expected one of {', '.join(choices)}, got {_short(text)}{hint}")
+        self.type_error(node, key, f"one of {', '.join(choices)}")
+
+    # ----------------------------------------------------------------- URLs
+
+    def url(self, node: yaml.Node, key: str, *, exporter: bool = False) -> tuple[str, str]:
+        """``(normalised url, host[:port] as written)``; an exporter URL keeps (or gets) its path."""
+        raw = self.string(node, key, "an http(s) URL").strip()
+        parts = urlsplit(raw)
+        if "@" in parts.netloc:
+            # Never echo: the part before '@' is a password.
+            self.fail(node, key, "credentials in a URL would be logged; send them with headers: instead")
+        if parts.query or parts.fragment:
+            self.fail(node, key, "a URL with a query or fragment is not supported (put tokens in headers:)")
+        host = parts.hostname
+        if parts.scheme.lower() not in ("http", "https") or not host or any(c.isspace() for c in raw):
+            hint = f" (did you mean {'http://' + raw!r}?)" if raw and "://" not in raw else ""
+            self.fail(node, key, f"{_short(raw)} is not an http(s) URL{hint}")
+        try:
+            port = parts.port
+        except ValueError:
+            self.fail(node, key, f"{_short(raw)} has an invalid port")
+        scheme = parts.scheme.lower()
+        host_text = f"[{host}]" if ":" in host else host
+        netloc = host_text if port is None else f"{host_text}:{port}"
+        full = f"{scheme}://{host_text}:{port if port is not None else (443 if scheme == 'https' else 80)}"
+        if exporter:
+            path = parts.path if parts.path not in ("", "/") else "/metrics"
+            return full + path, netloc
+        if parts.path not in ("", "/"):
+            self.fail(node, key, f"{_short(raw)}: a path is not supported; give scheme://host:port")
+        return full, netloc
+
+    # ----------------------------------------------------------------- sections
+
+    def top(self, root: yaml.Node) -> Config:
+        if not isinstance(root, yaml.MappingNode):
+            self.fail(
+                root,
+                "",
+                f"the top level must be a mapping of settings (key: value), got {self.describe(root)}",
+            )
+        pairs = self.mapping(root, "", "a mapping", _TOP_KEYS)
+        if "nodes" not in pairs:
+            self.fail(
+                root,
+                "nodes",
+                "required: list at least one Ollama server, e.g. nodes: [http://localhost:11434]",
+            )
+        nodes = self.nodes(pairs["nodes"][1])
+        models: tuple[PriorityModel, ...] = ()
+        if "priority_models" in pairs:
+            models = self.priority_models(pairs["priority_models"][1], nodes)
+
+        defaults = Config(nodes=nodes)
+        values: dict[str, Any] = {}  # Config field -> validated value
+
+        def get(name: str) -> yaml.Node | None:
+            if name not in pairs:
+                return None
+            value = pairs[name][1]
+            if isinstance(value, yaml.ScalarNode) and value.tag == _NULL and name != "state_dir":
+                self.fail(value, name, "missing value (remove the key to use the default)")
+            return value
+
+        for name, attr, minimum, zero_ok in (
+            ("check_interval", "check_interval_s", 0.0, False),
+            ("watch_interval", "watch_interval_s", 0.0, True),
+            ("request_timeout", "request_timeout_s", 0.0, False),
+            ("load_timeout", "load_timeout_s", 0.0, False),
+        ):
+            node = get(name)
+            if node is not None:
+                seconds = self.duration(node, name)
+                if seconds < minimum or (seconds == minimum and not zero_ok):
+                    rule = ">= 0 (0 = off)" if zero_ok else "> 0"
+                    self.fail(node, name, f"must be {rule}, got {node.value}")
+                values[attr] = float(seconds)
+
+        node = get("vram_safety_margin")
+        if node is not None:
+            margin = self.number(node, "vram_safety_margin")
+            if not 0 < margin <= 1:
+                self.fail(
+                    node, "vram_safety_margin", f"must be > 0 and <= 1 (a fraction of VRAM), got {node.value}"
+                )
+            values["vram_safety_margin"] = float(margin)
+
+        node = get("vram_reserve_mb")
+        if node is not None:
+            reserve = self.number(node, "vram_reserve_mb", "a number of MiB")
+            if reserve < 0:
+                self.fail(node, "vram_reserve_mb", f"must be >= 0, got {node.value}")
+            values["vram_reserve_bytes"] = round(reserve * _MIB)
+
+        node = get("num_ctx")
+        if node is not None:
+            num_ctx = self.integer(node, "num_ctx")
+            if num_ctx < 1:
+                self.fail(node, "num_ctx", f"must be >= 1, got {node.value}")
+            values["num_ctx"] = num_ctx
+
+        for name in ("auto_optimize", "cpu_fallback"):
+            node = get(name)
+            if node is not None:
+                values[name] = self.boolean(node, name)
+
+        node = get("log_level")
+        if node is not None:
+            values["log_level"] = self.choice(node, "log_level", LOG_LEVELS)
+        node = get("evict")
+        if node is not None:
+            values["evict"] = self.choice(node, "evict", EVICT_POLICIES)
+
+        node = get("state_dir")
+        if node is not None and not (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+            text = self.string(node, "state_dir", "a directory path or null").strip()
+            expanded = os.path.expanduser(text)
+            if not os.path.isabs(expanded):
+                self.fail(node, "state_dir", f"must be an absolute path, got {_short(text)}")
+            values["state_dir"] = expanded
+
+        return dataclasses.replace(defaults, priority_models=models, path=self.path, **values)
+
+    def nodes(self, seq: yaml.Node) -> tuple[NodeConfig, ...]:
+        items = self.sequence(
+            seq, "nodes", "a list of Ollama server URLs (one '- http://host:11434' per line)"
+        )
+        if not items:
+            self.fail(seq, "nodes", "must list at least one Ollama server")
+        out: list[NodeConfig] = []
+        names: dict[str, tuple[str, int]] = {}
+        urls: dict[str, tuple[str, int]] = {}
+        for i, item in enumerate(items):
+            key = f"nodes[{i}]"
+            gpu = GpuSpec()
+            headers: Mapping[str, str] = MappingProxyType({})
+            name_node: yaml.Node | None = None
+            url_node: yaml.Node
+            url_key: str
+            if isinstance(item, yaml.ScalarNode) and item.tag == _STR:
+                url_node, url_key = item, key
+            elif isinstance(item, yaml.MappingNode):
+                pairs = self.mapping(item, key, "a mapping", _NODE_KEYS)
+                if "url" not in pairs:
+                    self.fail(item, _join(key, "url"), "required: the Ollama server, e.g. http://host:11434")
+                url_node, url_key = pairs["url"][1], _join(key, "url")
+                if "name" in pairs:
+                    name_node = pairs["name"][1]
+                if "gpu" in pairs:
+                    gpu = self.gpu(pairs["gpu"][1], _join(key, "gpu"))
+                if "headers" in pairs:
+                    headers = self.headers(pairs["headers"][1], _join(key, "headers"))
+            else:
+                self.type_error(item, key, "a URL or a mapping with url:")
+            url, netloc = self.url(url_node, url_key)
+            if url in urls:
+                other, line = urls[url]
+                self.fail(url_node, url_key, f"duplicate node url {url!r} (also {other}, line {line})")
+            urls[url] = (key, _line(url_node))
+            if name_node is not None:
+                name_key = _join(key, "name")
+                name = self.string(name_node, name_key).strip()
+                if not name or any(c.isspace() for c in name):
+                    self.fail(
+                        name_node, name_key, f"a node name must be non-empty with no spaces, got {name!r}"
+                    )
+                where, what = name_node, f"duplicate node name {name!r}"
+            else:
+                name, name_key, where = netloc, url_key, url_node
+                what = f"duplicate node name {name!r}"
+            if name in names:
+                other, line = names[name]
+                fix = "" if name_node is not None else "; it comes from the url, so set name:"
+                self.fail(where, name_key, f"{what} (also {other}, line {line}){fix}")
+            names[name] = (key, _line(where))
+            out.append(NodeConfig(name=name, url=url, gpu=gpu, headers=headers))
+        return tuple(out)
+
+    def gpu(self, node: yaml.Node, key: str) -> GpuSpec:
+        expected = "auto, nvml, none, {exporter: URL} or {vram_mb: N}"
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag != _STR:
+                self.type_error(node, key, expected)
+            text = str(node.value).strip().lower()
+            if text in ("auto", "nvml", "none"):
+                return GpuSpec(kind=cast(GpuKind, text))
+            if text == "exporter":
+                self.fail(node, key, "an exporter needs its URL: gpu: {exporter: http://HOST:9400/metrics}")
+            if text == "static":
+                self.fail(node, key, "static sizes go in vram_mb: gpu: {vram_mb: [24576]}")
+            hint = _did_you_mean(text, ("auto", "nvml", "none"))
+            self.fail(node, key, f"expected {expected}, got {self.describe(node)}{hint}")
+        pairs = self.mapping(node, key, expected, _GPU_KEYS)
+        if len(pairs) != 1:
+            self.fail(node, key, "give exactly one of exporter: or vram_mb:")
+        if "exporter" in pairs:
+            url, _ = self.url(pairs["exporter"][1], _join(key, "exporter"), exporter=True)
+            return GpuSpec(kind="exporter", exporter_url=url)
+        vram_node = pairs["vram_mb"][1]
+        vram_key = _join(key, "vram_mb")
+        expected_mb = "a number of MiB or a list of them (one per GPU)"
+        if isinstance(vram_node, yaml.SequenceNode):
+            items = [(item, f"{vram_key}[{i}]") for i, item in enumerate(vram_node.value)]
+            if not items:
+                self.fail(vram_node, vram_key, "must list at least one GPU")
+        else:
+            items = [(vram_node, vram_key)]
+        sizes: list[int] = []
+        for item, item_key in items:
+            mib = self.number(item, item_key, expected_mb)
+            if mib <= 0:
+                self.fail(item, item_key, f"must be > 0 MiB, got {item.value}")
+            sizes.append(round(mib * _MIB))
+        return GpuSpec(kind="static", vram_bytes=tuple(sizes))
+
+    def headers(self, node: yaml.Node, key: str) -> Mapping[str, str]:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+            return MappingProxyType({})
+        pairs = self.mapping(node, key, "a mapping of header names to values", None)
+        out: dict[str, str] = {}
+        lower: dict[str, int] = {}
+        for name, (name_node, value_node) in pairs.items():
+            hkey = _join(key, name)
+            if not _HEADER_NAME.match(name):
+                self.fail(name_node, hkey, "not a valid HTTP header name")
+            if name.lower() in lower:
+                self.fail(
+                    name_node,
+                    hkey,
+                    f"duplicate header (header names ignore case; first at line {lower[name.lower()]})",
+                )
+            lower[name.lower()] = _line(name_node)
+            if not (isinstance(value_node, yaml.ScalarNode) and value_node.tag == _STR):
+                self.fail(
+                    value_node, hkey, f"expected a string value, got {self.describe(value_node, secret=True)}"
+                )
+            value = self.expand(str(value_node.value), value_node, hkey)
+            if any(c in value for c in "\r\n\0"):
+                self.fail(value_node, hkey, "a header value must not contain line breaks or NUL")
+            out[name] = value
+        return MappingProxyType(out)
+
+    def expand(self, value: str, node: yaml.Node, key: str) -> str:
+        """Replace each ``${VAR}`` from the environment; messages name the variable, never the value."""
+
+        def sub(m: re.Match[str]) -> str:
+            var = m.group(1)
+            if not _VAR_NAME.match(var):
+                self.fail(
+                    node, key, "malformed ${...} reference: expected ${NAME} with letters, digits and _"
+                )
+            if var not in self.environ:
+                self.fail(node, key, f"environment variable {var} is not set")
+            if not self.environ[var]:
+                self.fail(node, key, f"environment variable {var} is empty")
+            return self.environ[var]
+
+        expanded = _VAR_REF.sub(sub, value)
+        if "${" in _VAR_REF.sub("", value):
+            self.fail(node, key, "unclosed ${ in the value")
+        return expanded
+
+    def priority_models(self, seq: yaml.Node, nodes: tuple[NodeConfig, ...]) -> tuple[PriorityModel, ...]:
+        if isinstance(seq, yaml.ScalarNode) and seq.tag == _NULL:
+            return ()
+        items = self.sequence(seq, "priority_models", "a list of model names (one '- name:tag' per line)")
+        node_names = [n.name for n in nodes]
+        out: list[PriorityModel] = []
+        seen: dict[str, tuple[str, int]] = {}
+        for i, item in enumerate(items):
+            key = f"priority_models[{i}]"
+            replicas: int | Literal["all"] = 1
+            allowed: tuple[str, ...] = ()
+            name_node: yaml.Node
+            name_key: str
+            if isinstance(item, yaml.ScalarNode) and item.tag == _STR:
+                name_node, name_key = item, key
+            elif isinstance(item, yaml.MappingNode):
+                pairs = self.mapping(item, key, "a mapping", _MODEL_KEYS)
+                if "name" not in pairs:
+                    self.fail(item, _join(key, "name"), "required: the model, e.g. llama3.1:8b")
+                name_node, name_key = pairs["name"][1], _join(key, "name")
+                if "nodes" in pairs:
+                    allowed = self.model_nodes(pairs["nodes"][1], _join(key, "nodes"), node_names)
+                if "replicas" in pairs:
+                    replicas = self.replicas(
+                        pairs["replicas"][1], _join(key, "replicas"), allowed, len(nodes)
+                    )
+            else:
+                self.type_error(item, key, "a model name or a mapping with name:")
+            raw = self.string(name_node, name_key, "a model name such as llama3.1:8b").strip()
+            if not raw or any(c.isspace() for c in raw):
+                self.fail(name_node, name_key, f"a model name must be non-empty with no spaces, got {raw!r}")
+            name = normalize_model_name(raw)
+            if name.endswith(":"):
+                self.fail(name_node, name_key, f"{raw!r} has an empty tag")
+            if name in seen:
+                other, line = seen[name]
+                self.fail(
+                    name_node, name_key, f"duplicate priority model {name!r} (also {other}, line {line})"
+                )
+            seen[name] = (key, _line(name_node))
+            out.append(PriorityModel(name=name, replicas=replicas, nodes=allowed))
+        return tuple(out)
+
+    def model_nodes(self, node: yaml.Node, key: str, node_names: list[str]) -> tuple[str, ...]:
+        items = self.sequence(node, key, "a list of node names")
+        if not items:
+            self.fail(node, key, "empty list: remove the key to allow any node")
+        out: list[str] = []
+        for i, item in enumerate(items):
+            item_key = f"{key}[{i}]"
+            name = self.string(item, item_key, "a node name").strip()
+            if name not in node_names:
+                hint = _did_you_mean(name, node_names) or f" (nodes are: {', '.join(node_names)})"
+                self.fail(item, item_key, f"no node is named {_short(name)}{hint}")
+            if name in out:
+                self.fail(item, item_key, f"{name!r} is listed twice")
+            out.append(name)
+        return tuple(out)
+
+    def replicas(
+        self, node: yaml.Node, key: str, allowed: tuple[str, ...], n_nodes: int
+    ) -> int | Literal["all"]:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            if str(node.value).strip().lower() == "all":
+                return "all"
+            self.type_error(node, key, "a whole number >= 1 or 'all'", numeric=True)
+        if not (isinstance(node, yaml.ScalarNode) and node.tag == _INT):
+            self.type_error(node, key, "a whole number >= 1 or 'all'")
+        count = self.integer(node, key)
+        if count < 1:
+            self.fail(node, key, f"must be >= 1 or 'all', got {node.value}")
+        if allowed and count > len(allowed):
+            self.fail(node, key, f"{count} replicas but its nodes: list has only {len(allowed)}")
+        if count > n_nodes:
+            plural = "s" if n_nodes != 1 else ""
+            self.fail(
+                node,
+                key,
+                f"{count} replicas but only {n_nodes} node{plural} configured; 'all' means one on each",
+            )
+        return count
+
+
+# --------------------------------------------------------------------------- public API
+
+
+_HOW_TO_CREATE = (
+    f"copy config/config.yaml from the gpu-router source tree to {DEFAULT_CONFIG_PATH} and edit it, "
+    f"or pass --config PATH"
+)
+
+
+def parse_config(text: str, path: str = "<string>", *, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate YAML ``text`` into a Config; ``path`` is only used in messages and ``Config.path``.
+
+    ``environ`` supplies ``${VAR}`` in header values (default: ``os.environ``).
+    """
+    walker = _Walker(path, os.environ if environ is None else environ)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        message = f"invalid YAML: {e.problem or e.context}"
+        if e.context and e.problem and e.context_mark is not None:
+            # PyYAML's own order and wording: "while parsing X at line N, expected Y".
+            message = f"invalid YAML: {e.context} at line {e.context_mark.line + 1}, {e.problem}"
+        # No snippet of the file: the offending line might hold a header value.
+        raise ConfigError(path, mark.line + 1 if mark else None, "", message) from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, max(e.position, 0)) + 1
+        raise ConfigError(
+            path, line, "", f"invalid YAML: character #x{e.character:04x}: {e.reason}"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, "", f"invalid YAML: {type(e).__name__}") from None
+    if root is None:
+        raise ConfigError(path, None, "", "the file is empty; it must list at least nodes:")
+    walker.prepare(root)
+    return walker.top(root)
+
+
+def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file at ``path``; any problem is a ConfigError naming it."""
+    shown = os.fspath(path)
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigNotFound(shown, None, "", f"no such file; {_HOW_TO_CREATE}") from None
+    except IsADirectoryError:
+        raise ConfigError(shown, None, "", "is a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(shown, None, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(shown, line, "", "not valid UTF-8 text") from None
+    return parse_config(text, shown, environ=environ)
+
+
+def _exists(path: pathlib.Path) -> bool:
+    """True when something is there; a permission problem counts, so that loading reports it."""
+    try:
+        path.stat()
+    except PermissionError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def find_config_path(
+    explicit: str | None,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    default_path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH,
+) -> pathlib.Path:
+    """The config file to load: ``--config``, ``$GPU_ROUTER_CONFIG``,
+    ``$CONFIGURATION_DIRECTORY/config.yaml``, then ``default_path``.
+
+    A path given explicitly (argument or variable) must exist; it is never silently replaced by a fallback.
+    Raises ConfigNotFound saying where it looked and how to create a config.
+    """
+    if explicit:
+        candidate = pathlib.Path(explicit)
+        if not _exists(candidate):
+            raise ConfigNotFound(explicit, None, "", "no such file (given with --config)")
+        return candidate
+    from_env = environ.get(CONFIG_ENV, "")
+    if from_env:
+        candidate = pathlib.Path(from_env)
+        if not _exists(candidate):
+            raise ConfigNotFound(from_env, None, "", f"no such file (given by ${CONFIG_ENV})")
+        return candidate
+    looked: list[str] = []
+    for directory in environ.get("CONFIGURATION_DIRECTORY", "").split(":"):
+        if directory:
+            candidate = pathlib.Path(directory) / "config.yaml"
+            if _exists(candidate):
+                return candidate
+            looked.append(str(candidate))
+    default = pathlib.Path(default_path)
+    if _exists(default):
+        return default
+    looked.append(str(default))
+    raise ConfigNotFound(
+        "",
+        None,
+        "",
+        f"no config file found (looked in {', '.join(looked)}); "
+        f"copy config/config.yaml from the gpu-router source tree to {default} and edit it, "
+        f"or pass --config PATH (or set ${CONFIG_ENV})",
+    )
+
+
+def _writable_dir(path: pathlib.Path) -> bool:
+    """True when ``path`` is a writable directory, or could be created as one."""
+    if path.is_dir():
+        return os.access(path, os.W_OK | os.X_OK)
+    if path.exists():
+        return False
+    parent = path.parent
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+
+
+def default_state_dir(
+    config: Config,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    system_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+) -> pathlib.Path:
+    """Where learned state lives: ``config.state_dir``, ``$STATE_DIRECTORY`` (first entry), ``system_dir``
+    when writable, else ``$XDG_STATE_HOME/gpu-router`` or ``~/.local/state/gpu-router``. Creates nothing.
+    """
+    if config.state_dir:
+        return pathlib.Path(config.state_dir)
+    for entry in environ.get("STATE_DIRECTORY", "").split(":"):
+        if entry:
+            return pathlib.Path(entry)
+    system = pathlib.Path(system_dir)
+    if _writable_dir(system):
+        return system
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
+        return pathlib.Path(xdg) / "gpu-router"
+    home = environ.get("HOME") or str(pathlib.Path.home())
+    return pathlib.Path(home) / ".local" / "state" / "gpu-router"

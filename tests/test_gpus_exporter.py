@@ -1,0 +1,343 @@
+"""ExporterSource over real HTTP on 127.0.0.1, and the text-exposition parser underneath it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpu_router.gpus.exporter import (
+    ExporterSource,
+    PromParseError,
+    interpret_dcgm,
+    interpret_nvidia_smi,
+    parse_prometheus_text,
+    parse_sample_line,
+    redact_url,
+)
+from gpu_router.state import MIB, GpuReading, VramSource
+
+FIXTURES = Path(__file__).parent / "fixtures" / "exporter"
+TIMEOUT_S = 0.5
+
+
+@dataclass
+class Route:
+    status: int = 200
+    body: bytes = b""
+    hang_before_headers: bool = False
+    hang_mid_body: bool = False
+
+
+class ExporterServer:
+    """A fake exporter: serves ``routes`` by path; the hang routes block until the test ends."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                    return
+                if route.hang_before_headers:
+                    server.release.wait(30)
+                    return
+                self.send_response(route.status)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(route.body)))
+                self.end_headers()
+                if route.hang_mid_body:
+                    self.wfile.write(route.body[:10])
+                    self.wfile.flush()
+                    server.release.wait(30)
+                    return
+                self.wfile.write(route.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def serve_file(self, path: str, fixture: str) -> str:
+        self.routes[path] = Route(body=(FIXTURES / fixture).read_bytes())
+        return self.url(path)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[ExporterServer]:
+    srv = ExporterServer()
+    yield srv
+    srv.stop()
+
+
+def read(url: str, timeout_s: float = TIMEOUT_S) -> GpuReading:
+    source = ExporterSource(url, timeout_s)
+    try:
+        return source.read()
+    finally:
+        source.close()
+
+
+def err(reading: GpuReading) -> str:
+    """The reading's error, which the test expects to be set."""
+    assert reading.error is not None
+    return reading.error
+
+
+# -- real scrapes --------------------------------------------------------------------------------------
+
+
+def test_dcgm_mib_families_with_spaces_sentinels_and_a_mig_row(server: ExporterServer) -> None:
+    source = ExporterSource(server.serve_file("/metrics", "dcgm_fb_mib.prom"), TIMEOUT_S)
+    reading = source.read()
+    source.close()
+    assert reading.source is VramSource.EXPORTER
+    assert reading.error is None
+    gpu0, gpu1 = reading.gpus  # the file lists GPU 1 first
+    assert (gpu0.index, gpu0.name, gpu0.uuid) == (0, "NVIDIA L4", "GPU-604ac76c-d9cf-fef3-62e9-d92044ab6e52")
+    # total = free + used + reserved; the MIG instance row (used 999) is ignored
+    assert gpu0.total_bytes == (18467 + 4096 + 470) * MIB
+    assert gpu0.free_bytes == 18467 * MIB
+    assert gpu0.used_bytes == (4096 + 470) * MIB
+    # GPU 1's reserved value is a DCGM sentinel: treated as missing, not as 8 EiB
+    assert gpu1.index == 1
+    assert gpu1.total_bytes == (12000 + 10563) * MIB
+    assert gpu1.used_bytes == 10563 * MIB
+
+
+def test_dcgm_byte_families_win_over_mib_twins(server: ExporterServer) -> None:
+    reading = read(server.serve_file("/metrics", "dcgm_fb_bytes.prom"))
+    assert reading.source is VramSource.EXPORTER
+    gpu0, gpu1 = reading.gpus
+    assert gpu0.total_bytes == 85_520_809_984  # DCGM_FI_DEV_FB_CAPACITY_BYTES
+    assert gpu0.free_bytes == 64_238_911_488  # exact bytes, not the MiB-rounded twin 61262 MiB
+    assert gpu0.used_bytes == 85_520_809_984 - 64_238_911_488
+    # capacity is a sentinel: total falls back to free + used + reserved
+    assert gpu1.total_bytes == 16_000_000_000 + 69_000_000_000 + 500_000_000
+    assert gpu1.free_bytes == 16_000_000_000
+
+
+def test_nvidia_gpu_exporter_two_gpus_join_name_and_index(server: ExporterServer) -> None:
+    reading = read(server.serve_file("/metrics", "nvidia_gpu_exporter_two_gpus.prom"))
+    assert reading.source is VramSource.EXPORTER
+    assert reading.error is None
+    h100, rtx = reading.gpus
+    assert (h100.index, h100.name, h100.uuid) == (
+        0,
+        "NVIDIA H100 80GB HBM3",
+        "22222222-0000-0000-0000-000000000000",
+    )
+    assert (h100.total_bytes, h100.free_bytes) == (85_520_809_984, 64_238_911_488)
+    # used = total - free, so reserved counts as used (exporter "used" excludes it)
+    assert h100.used_bytes == 85_520_809_984 - 64_238_911_488
+    assert (rtx.index, rtx.name) == (1, "NVIDIA GeForce RTX 4080 SUPER")
+    assert rtx.total_bytes == 17_171_480_576
+    assert rtx.used_bytes == 17_171_480_576 - 16_093_544_448
+
+
+# -- failures --------------------------------------------------------------------------------------------
+
+
+def test_refused_port_is_unknown_with_connection_refused() -> None:
+    # Bound but not listening: connections are refused, and no other test can take the port meanwhile.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
+        reading = read(url)
+    assert reading.source is VramSource.UNKNOWN
+    assert reading.gpus == ()
+    assert reading.error == f"exporter {url}: connection refused"
+
+
+def test_server_that_never_answers_times_out(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(hang_before_headers=True)
+    url = server.url("/metrics")
+    reading = read(url)
+    assert reading.source is VramSource.UNKNOWN
+    assert reading.error == f"exporter {url}: timed out after 0.5s"
+
+
+def test_server_that_stalls_mid_body_times_out(server: ExporterServer) -> None:
+    body = (FIXTURES / "dcgm_fb_mib.prom").read_bytes()
+    server.routes["/metrics"] = Route(body=body, hang_mid_body=True)
+    reading = read(server.url("/metrics"))
+    assert reading.source is VramSource.UNKNOWN
+    assert "timed out after 0.5s" in err(reading)
+
+
+def test_http_500_is_unknown_with_the_status(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(status=500, body=b"collector failed")
+    url = server.url("/metrics")
+    reading = read(url)
+    assert reading.source is VramSource.UNKNOWN
+    assert reading.error == f"exporter {url}: HTTP 500 Internal Server Error"
+
+
+def test_garbage_body_is_unknown_and_says_what_was_expected(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(body=b"<html><body>Welcome to nginx!</body></html>\n\x00\xff{{{")
+    reading = read(server.url("/metrics"))
+    assert reading.source is VramSource.UNKNOWN
+    error = err(reading)
+    assert "no GPU memory metrics" in error
+    assert "DCGM_FI_DEV_FB_" in error
+    assert "nvidia_smi_memory_" in error
+
+
+def test_dcgm_without_framebuffer_families_is_unknown(server: ExporterServer) -> None:
+    reading = read(server.serve_file("/metrics", "dcgm_readme_no_fb.prom"))
+    assert reading.source is VramSource.UNKNOWN
+    assert "no GPU memory metrics" in err(reading)
+    assert "3 samples" in err(reading)
+
+
+def test_only_sentinel_values_is_unknown_not_zero(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(
+        body=b'DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-x"} 9223372036854775794\n'
+        b'DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-x"} NaN\n'
+    )
+    reading = read(server.url("/metrics"))
+    assert reading.source is VramSource.UNKNOWN
+    assert "dcgm-exporter reports no usable GPU memory" in err(reading)
+
+
+def test_credentials_in_the_url_never_reach_the_error(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(status=503)
+    port = server.httpd.server_address[1]
+    reading = read(f"http://scraper:s3cret@127.0.0.1:{port}/metrics")
+    assert reading.error == f"exporter http://127.0.0.1:{port}/metrics: HTTP 503 Service Unavailable"
+
+
+def test_a_caller_session_is_used_and_left_open(server: ExporterServer) -> None:
+    session = requests.Session()
+    session.headers["X-Probe"] = "1"
+    source = ExporterSource(server.serve_file("/metrics", "dcgm_fb_mib.prom"), TIMEOUT_S, session=session)
+    assert len(source.read().gpus) == 2
+    source.close()
+    assert len(source.read().gpus) == 2, "close() must not close a session it does not own"
+    session.close()
+
+
+# -- interpretation details -------------------------------------------------------------------------------
+
+
+def test_nvidia_smi_index_metric_is_used_without_gpu_info() -> None:
+    samples, _ = parse_prometheus_text(
+        'nvidia_smi_index{uuid="b"} 0\n'
+        'nvidia_smi_index{uuid="a"} 1\n'
+        'nvidia_smi_memory_total_bytes{uuid="a"} 1.6e+10\n'
+        'nvidia_smi_memory_free_bytes{uuid="a"} 1e+10\n'
+        'nvidia_smi_memory_total_bytes{uuid="b"} 8e+09\n'
+        'nvidia_smi_memory_used_bytes{uuid="b"} 2e+09\n'
+        'nvidia_smi_memory_reserved_bytes{uuid="b"} 1e+09\n'
+    )
+    gpus, problems, seen = interpret_nvidia_smi(samples)
+    assert problems == []
+    assert seen == 5
+    assert [(g.index, g.uuid) for g in gpus] == [(0, "b"), (1, "a")]
+    assert gpus[0].name == "GPU 0"
+    # no free figure: free = total - used - reserved
+    assert gpus[0].free_bytes == 5_000_000_000
+    assert gpus[0].used_bytes == 3_000_000_000
+
+
+def test_mig_only_dcgm_scrape_explains_itself() -> None:
+    samples, _ = parse_prometheus_text(
+        'DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-x",GPU_I_PROFILE="1g.10gb",GPU_I_ID="7"} 9000\n'
+    )
+    gpus, problems, seen = interpret_dcgm(samples)
+    assert gpus == []
+    assert seen == 1
+    assert problems == ["only MIG instance memory is exported; MIG partitions are not supported"]
+
+
+def test_dcgm_total_only_gives_total_with_unknown_usage() -> None:
+    samples, _ = parse_prometheus_text('DCGM_FI_DEV_FB_TOTAL{gpu="2",modelName="NVIDIA A10"} 23028\n')
+    (gpu,) = interpret_dcgm(samples)[0]
+    assert (gpu.index, gpu.name, gpu.total_bytes) == (2, "NVIDIA A10", 23028 * MIB)
+    assert gpu.used_bytes is None
+    assert gpu.free_bytes is None
+
+
+# -- the parser ------------------------------------------------------------------------------------------
+
+
+def test_parser_handles_escapes_spaces_timestamps_and_special_values() -> None:
+    text = (
+        '# HELP x a help line with {braces} and "quotes"\n'
+        "# TYPE x gauge\n"
+        '  x{a="q\\"uote", b="back\\\\slash",c="new\\nline", d="comma,}brace",} 1.6e+10 1712345678000\n'
+        "y NaN\n"
+        "z{} +Inf\n"
+        "w -1e-3\n"
+        "# EOF\n"
+    )
+    samples, bad = parse_prometheus_text(text)
+    assert bad == 0
+    x, y, z, w = samples
+    assert x.name == "x"
+    assert dict(x.labels) == {"a": 'q"uote', "b": "back\\slash", "c": "new\nline", "d": "comma,}brace"}
+    assert x.value == 1.6e10
+    assert y.value != y.value  # NaN
+    assert z.value == float("inf")
+    assert dict(z.labels) == {}
+    assert w.value == -0.001
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "1bad 1",
+        'x{a="unterminated} 1',
+        "x{a=1} 1",
+        'x{="v"} 1',
+        'x{a="v" b="w"} 1',
+        "x",
+        "x one",
+        "x 1 2 3",
+    ],
+)
+def test_parser_rejects_malformed_lines(line: str) -> None:
+    with pytest.raises(PromParseError):
+        parse_sample_line(line)
+    assert parse_prometheus_text(f"ok 1\n{line}\n") == ([parse_sample_line("ok 1")], 1)
+
+
+_label_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
+
+
+@given(value=_label_text)
+def test_any_escaped_label_value_round_trips(value: str) -> None:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    sample = parse_sample_line(f'm{{k="{escaped}", other="x"}} 3')
+    assert sample.labels["k"] == value
+    assert sample.labels["other"] == "x"
+
+
+def test_redact_url_keeps_host_port_and_path() -> None:
+    assert redact_url("http://u:p@[::1]:9400/metrics?x=1") == "http://[::1]:9400/metrics?x=1"
+    assert redact_url("http://h:9400/metrics") == "http://h:9400/metrics"

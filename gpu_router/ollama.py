@@ -71,14 +71,14 @@ def parse_timestamp(text: str) -> datetime | None:
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     frac, zone = m.group(7), m.group(8)
     micro = int((frac or "0")[:6].ljust(6, "0"))
-    tz = timezone.utc
-    if zone and zone.upper() != "Z":
-        sign = -1 if zone[0] == "-" else 1
-        digits = zone[1:].replace(":", "")
-        tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
     try:
+        tz = timezone.utc
+        if zone and zone.upper() != "Z":
+            sign = -1 if zone[0] == "-" else 1
+            digits = zone[1:].replace(":", "")
+            tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
         return datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
-    except ValueError:
+    except ValueError:  # out-of-range fields or an offset of 24 hours or more
         return None
 
 
@@ -257,6 +257,10 @@ class OllamaClient:
             secs = self._timeout(read_timeout_s)[0 if kind == "connect" else 1]
             raise NodeUnreachable(self.name, f"{method} {path}: {kind} timed out after {secs:g}s") from None
         except requests.ConnectionError as exc:
+            # A stall after the headers surfaces as a ConnectionError wrapping urllib3's read timeout.
+            if "Read timed out" in str(exc):
+                secs = self._timeout(read_timeout_s)[1]
+                raise NodeUnreachable(self.name, f"{method} {path}: read timed out after {secs:g}s") from None
             raise NodeUnreachable(self.name, f"{method} {path}: {_reason(exc)}") from None
         except requests.RequestException as exc:
             raise BadResponse(self.name, f"{method} {path}: {exc.__class__.__name__}") from None

@@ -98,7 +98,8 @@ class LoadedModel:
             return "100% GPU"
         if self.vram_bytes > self.size_bytes or self.size_bytes == 0:
             return "Unknown"
-        cpu = round((self.size_bytes - self.vram_bytes) / self.size_bytes * 100)
+        # Go's math.Round rounds halves away from zero; Python's round() would round them to even.
+        cpu = int((self.size_bytes - self.vram_bytes) / self.size_bytes * 100 + 0.5)
         return f"{cpu}%/{100 - cpu}% CPU/GPU"
 
 

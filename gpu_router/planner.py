@@ -23,12 +23,16 @@ totals, what ``/api/ps`` proves is resident.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, replace
+import gc
+from bisect import bisect_left
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from gpu_router.config import Config, PriorityModel
-from gpu_router.sizing import SizeEstimate, model_need, span_need
+from gpu_router.sizing import SizeEstimate, SizeIndex, span_need
 from gpu_router.state import MIB, ClusterState, LoadedModel, NodeState, Processor, VramSource
 
 # Ollama prints "Forever" for an expiry this far ahead: it was loaded with keep_alive < 0.
@@ -92,21 +96,54 @@ class NodeCapacity:
         return sum(g.free_bytes for g in self.gpus) if self.known else None
 
 
-@dataclass(frozen=True)
-class Fit:
-    """One node's verdict on one model."""
+class Fit(NamedTuple):
+    """One node's verdict on one model.
+
+    A NamedTuple rather than a frozen dataclass, and figures rather than a sentence: a large
+    cluster has hundreds of thousands of verdicts per pass and only a few are ever read.
+    """
 
     node: str
     verdict: Verdict
-    reason: str
     gpus: tuple[int, ...] = ()
     evict: tuple[str, ...] = ()
     left_bytes: int | None = None  # free VRAM the placement would leave
+    need_bytes: int | None = None
+    have_bytes: int | None = None  # free now (NO_ROOM), usable per GPU (TOO_LARGE), resident (RESIDENT)
+    span_bytes: int | None = None  # usable over all GPUs, for multi-GPU TOO_LARGE
+    note: str = ""  # the whole reason, where it is not built from figures
 
     @property
     def fits(self) -> bool:
         """True when the model is, or can now be, fully on this node's GPU."""
         return self.verdict in (Verdict.RESIDENT, Verdict.FITS, Verdict.FITS_AFTER_EVICTION)
+
+    @property
+    def reason(self) -> str:
+        """Why, in one sentence for people."""
+        if self.note:
+            return self.note
+        v = self.verdict
+        if v is Verdict.RESIDENT:
+            return f"already fully on GPU ({_gib(self.have_bytes)})"
+        if v is Verdict.FITS:
+            where = f"GPU {self.gpus[0]}" if len(self.gpus) == 1 else "GPUs " + ",".join(map(str, self.gpus))
+            return f"fits on {where}, {_gib(self.left_bytes)} left"
+        if v is Verdict.NO_ROOM:
+            return f"needs {_gib(self.need_bytes)}, free now {_gib(self.have_bytes)}"
+        if v is Verdict.TOO_LARGE:
+            text = f"needs {_gib(self.need_bytes)}, usable VRAM is {_gib(self.have_bytes)}"
+            return text + (f" per GPU, {_gib(self.span_bytes)} in all" if self.span_bytes is not None else "")
+        return _FIXED_REASONS.get(v, str(v.value))
+
+
+_FIXED_REASONS = {
+    Verdict.NOT_ALLOWED: "not in this model's nodes list",
+    Verdict.NOT_INSTALLED: "not installed (ollama pull it there)",
+    Verdict.NO_GPU: "CPU-only node",
+    Verdict.SIZE_UNKNOWN: "size unknown",
+    Verdict.BACKOFF: "a recent load here failed; backing off",
+}
 
 
 @dataclass(frozen=True)
@@ -209,7 +246,15 @@ class _Room:
 
     def __init__(self, caps: Iterable[NodeCapacity]) -> None:
         self.free = {c.node: [g.free_bytes for g in c.gpus] for c in caps if c.known}
-        self.usable = {c.node: [g.usable_bytes for g in c.gpus] for c in caps if c.known}
+        self.frozen: dict[str, tuple[list[int], list[tuple[int]], int]] | None = None
+
+    def freeze(self) -> None:
+        """No more placements: index the free room so best fit is a binary search."""
+        frozen = {}
+        for node, free in self.free.items():
+            order = sorted(range(len(free)), key=lambda i: (free[i], i))
+            frozen[node] = ([free[i] for i in order], [(i,) for i in order], sum(free))
+        self.frozen = frozen
 
     def place(self, node: str, need: int, extra_free: int = 0) -> tuple[tuple[int, ...], int] | None:
         """GPUs that can take ``need`` (best fit) and the bytes left after it, or None.
@@ -217,42 +262,41 @@ class _Room:
         ``extra_free`` is room that planned unloads would give back; /api/ps does not say on
         which GPU, so it is only counted when the node has one GPU or the model spans all of them.
         """
-        free = self.free.get(node, [])
+        free = self.free.get(node)
         if not free:
             return None
-        single = [
-            (f + (extra_free if len(free) == 1 else 0) - need, i)
-            for i, f in enumerate(free)
-            if f + (extra_free if len(free) == 1 else 0) >= need
-        ]
-        if single:
-            left, i = min(single)
-            return (i,), left
-        if len(free) > 1:
-            total = sum(free) + extra_free
-            need_all = span_need(need, len(free))
-            if total >= need_all:
-                return tuple(range(len(free))), total - need_all
+        if len(free) == 1:
+            left = free[0] + extra_free - need
+            return ((0,), left) if left >= 0 else None
+        best_i, best_left = -1, -1
+        for i, f in enumerate(free):
+            left = f - need
+            if left >= 0 and (best_i < 0 or left < best_left):
+                best_i, best_left = i, left
+        if best_i >= 0:
+            return (best_i,), best_left
+        total = sum(free) + extra_free
+        need_all = span_need(need, len(free))
+        if total >= need_all:
+            return tuple(range(len(free))), total - need_all
         return None
 
-    def could_ever_fit(self, node: str, need: int) -> bool:
-        """True when ``need`` fits in the node's usable VRAM with nothing else loaded."""
-        usable = self.usable.get(node, [])
-        if not usable:
-            return False
-        return max(usable) >= need or (len(usable) > 1 and sum(usable) >= span_need(need, len(usable)))
-
     def take(self, node: str, gpus: tuple[int, ...], need: int, returned: int = 0) -> None:
-        """Use up room for a placement (after giving back ``returned`` bytes of unloads)."""
+        """Use up room for a placement, after the ``returned`` bytes of planned unloads.
+
+        Returned bytes are credited exactly where ``place`` counted them: on a one-GPU node, or
+        to the pool of a span. A single-GPU placement on a multi-GPU node gets no credit, since
+        /api/ps does not say which GPU the unloaded models were on.
+        """
         free = self.free[node]
-        if returned:
-            free[gpus[0]] += returned
         if len(gpus) == 1:
+            if len(free) == 1:
+                free[0] += returned
             free[gpus[0]] = max(0, free[gpus[0]] - need)
             return
-        remaining = span_need(need, len(gpus))
+        remaining = span_need(need, len(gpus)) - returned
         for i in gpus:
-            used = min(free[i], remaining)
+            used = min(free[i], max(0, remaining))
             free[i] -= used
             remaining -= used
 
@@ -272,6 +316,22 @@ def _replicas(pm: PriorityModel, gpu_nodes: int) -> int:
     return gpu_nodes if pm.replicas == "all" else int(pm.replicas)
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic collector for one pass.
+
+    A pass makes a few hundred thousand small tuples and no reference cycles; the collector
+    would otherwise rescan them over and over (a third of the time on 1,000 nodes x 200 models).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def plan(
     state: ClusterState,
     config: Config,
@@ -283,9 +343,21 @@ def plan(
     ``learned`` maps model -> size observed earlier; ``backoff`` holds (model, node) pairs whose
     last load failed recently and are not to be chosen now.
     """
+    with _gc_paused():
+        return _plan(state, config, learned, backoff)
+
+
+def _plan(
+    state: ClusterState,
+    config: Config,
+    learned: Mapping[str, int] | None,
+    backoff: Collection[tuple[str, str]],
+) -> Plan:
     caps = tuple(capacity(n, config) for n in state.nodes)
     cap_by_node = {c.node: c for c in caps}
     room = _Room(caps)
+    views = [_view(n, cap_by_node[n.name]) for n in state.nodes]
+    sizes = SizeIndex(state)
     priority = {p.name: p for p in config.priority_models}
     models = list(priority)
     known: set[str] = set()
@@ -298,19 +370,19 @@ def plan(
     plans: list[ModelPlan] = []
     evicted: dict[str, set[str]] = {}  # node -> models planned for unload in this pass
 
-    for name in [*models, *others]:
+    for i, name in enumerate([*models, *others]):
+        if i == len(models):
+            room.freeze()  # non-priority models are judged, never placed: the room stops changing
         pm = priority.get(name)
-        need = model_need(state, name, config.num_ctx, learned)
-        fits = [
-            _verdict(node, name, need, pm, cap_by_node[node.name], room, backoff, evicted)
-            for node in state.nodes
-        ]
+        need = sizes.need(name, config.num_ctx, learned)
+        judged = _judge(views, name, need.need_bytes, pm, room, backoff, evicted)
+        fits = judged.fits
         if pm is None:
-            decision = _decide_other(state, name, fits)
+            decision = _decide_other(state, name, judged)
             plans.append(ModelPlan(name, False, need, tuple(fits), decision))
             continue
         wanted = _replicas(pm, len(gpu_nodes))
-        resident = [f.node for f in fits if f.verdict is Verdict.RESIDENT]
+        resident = judged.resident
         chosen = list(resident)
         reasons = [f"already on GPU on {n}" for n in resident]
         info = next((n.info[name] for n in state.nodes if name in n.info), None)
@@ -318,7 +390,7 @@ def plan(
         if need.need_bytes is not None:
             # New copies: fit now first, best fit; then room made by policy.
             while len(chosen) < wanted:
-                pick = _best_fit(state, name, need.need_bytes, fits, chosen, room)
+                pick = _best_fit(state, name, fits, chosen)
                 if pick is None:
                     pick = _make_room(
                         state, name, need.need_bytes, fits, chosen, room, priority, config, evicted
@@ -355,7 +427,7 @@ def plan(
                     f"load on {node_name}" + (f" after unloading {', '.join(victims)}" if victims else "")
                 )
                 fits = [
-                    replace(f, verdict=Verdict.FITS_AFTER_EVICTION, evict=tuple(victims), reason=reasons[-1])
+                    f._replace(verdict=Verdict.FITS_AFTER_EVICTION, evict=tuple(victims), note=reasons[-1])
                     if f.node == node_name and victims
                     else f
                     for f in fits
@@ -369,85 +441,157 @@ def plan(
     return Plan(caps, tuple(plans), tuple(_order(actions)))
 
 
-def _verdict(
-    node: NodeState,
+@dataclass(frozen=True)
+class _View:
+    """Per-node facts that do not change while one pass plans every model."""
+
+    name: str
+    up: bool
+    max_usable: int
+    sum_usable: int
+    n_gpus: int
+    loaded: Mapping[str, LoadedModel]
+    installed: Collection[str]
+    # Verdicts that do not depend on the model, made once per node.
+    down: Fit
+    not_allowed: Fit
+    not_installed: Fit
+    no_gpu: Fit | None  # set when the node cannot take any model on GPU (CPU-only, no GPU, unknown)
+
+
+def _view(node: NodeState, cap: NodeCapacity) -> _View:
+    usable = [g.usable_bytes for g in cap.gpus]
+    n = node.name
+    no_gpu: Fit | None = None
+    if cap.vram_source is VramSource.NONE:
+        no_gpu = Fit(n, Verdict.NO_GPU)
+    elif not cap.known:
+        no_gpu = Fit(
+            n, Verdict.VRAM_UNKNOWN, note=f"GPU memory unknown: {node.gpu.error or 'no GPU figures'}"
+        )
+    elif not cap.gpus:
+        no_gpu = Fit(n, Verdict.NO_GPU, note="no GPU found")
+    return _View(
+        name=n,
+        up=node.up,
+        max_usable=max(usable, default=0),
+        sum_usable=sum(usable),
+        n_gpus=len(usable),
+        loaded={m.name: m for m in node.loaded},
+        installed={m.name for m in node.installed},
+        down=Fit(n, Verdict.NODE_DOWN, note=f"node {node.status.value}: {node.error or 'no answer'}"),
+        not_allowed=Fit(n, Verdict.NOT_ALLOWED),
+        not_installed=Fit(n, Verdict.NOT_INSTALLED),
+        no_gpu=no_gpu,
+    )
+
+
+class _Judged(NamedTuple):
+    fits: list[Fit]
+    resident: list[str]  # nodes holding it fully on GPU, in node order
+    best: Fit | None  # the FITS verdict leaving the least room (first node on ties)
+
+
+def _judge(
+    views: Iterable[_View],
     model: str,
-    need: SizeEstimate,
+    need: int | None,
     pm: PriorityModel | None,
-    cap: NodeCapacity,
     room: _Room,
     backoff: Collection[tuple[str, str]],
     evicted: Mapping[str, set[str]],
-) -> Fit:
-    name = node.name
-    if not node.up:
-        return Fit(name, Verdict.NODE_DOWN, f"node {node.status.value}: {node.error or 'no answer'}")
-    if pm is not None and pm.nodes and name not in pm.nodes:
-        return Fit(name, Verdict.NOT_ALLOWED, "not in this model's nodes list")
-    loaded = node.loaded_model(model)
-    if loaded is not None and loaded.processor is Processor.GPU and model not in evicted.get(name, ()):
-        return Fit(name, Verdict.RESIDENT, f"already fully on GPU ({_gib(loaded.vram_bytes)})")
-    if node.installed_model(model) is None and loaded is None:
-        return Fit(name, Verdict.NOT_INSTALLED, "not installed (ollama pull it there)")
-    if cap.vram_source is VramSource.NONE:
-        return Fit(name, Verdict.NO_GPU, "CPU-only node")
-    if not cap.known:
-        why = node.gpu.error or "no GPU figures"
-        return Fit(name, Verdict.VRAM_UNKNOWN, f"GPU memory unknown: {why}")
-    if not cap.gpus:
-        return Fit(name, Verdict.NO_GPU, "no GPU found")
-    if need.need_bytes is None:
-        return Fit(name, Verdict.SIZE_UNKNOWN, "size unknown")
-    if (model, name) in backoff:
-        return Fit(name, Verdict.BACKOFF, "a recent load here failed; backing off")
-    n = need.need_bytes
-    if not room.could_ever_fit(name, n):
-        return Fit(
-            name,
-            Verdict.TOO_LARGE,
-            f"needs {_gib(n)}, usable VRAM is {_gib(max(g.usable_bytes for g in cap.gpus))}"
-            + (f" per GPU, {_gib(cap.usable_bytes)} in all" if len(cap.gpus) > 1 else ""),
-        )
-    # A partial copy of this model gives its VRAM back when it is reloaded.
-    returned = loaded.vram_bytes if loaded is not None else 0
-    spot = room.place(name, n, returned)
-    if spot is None:
-        free = sum(room.free.get(name, []))
-        return Fit(name, Verdict.NO_ROOM, f"needs {_gib(n)}, free now {_gib(free)}")
-    gpus, left = spot
-    where = f"GPU {gpus[0]}" if len(gpus) == 1 else "GPUs " + ",".join(str(g) for g in gpus)
-    return Fit(name, Verdict.FITS, f"fits on {where}, {_gib(left)} left", gpus, left_bytes=left)
+) -> _Judged:
+    """Every node's verdict on ``model``, in node order, with the residents and the best fit.
+
+    One loop with the frozen-room best fit inlined and positional NamedTuples: this runs
+    nodes x models times per pass, so it is written for speed.
+    """
+    out: list[Fit] = []
+    add = out.append
+    resident: list[str] = []
+    best: Fit | None = None
+    allowed = pm.nodes if pm is not None and pm.nodes else None
+    frozen = room.frozen
+    gpu, fits_v, no_room = Processor.GPU, Verdict.FITS, Verdict.NO_ROOM
+    new = tuple.__new__  # skips NamedTuple's keyword-handling constructor: every field is given
+    for v in views:
+        name = v.name
+        if not v.up:
+            add(v.down)
+            continue
+        if allowed is not None and name not in allowed:
+            add(v.not_allowed)
+            continue
+        loaded = v.loaded.get(model)
+        if loaded is not None and loaded.processor is gpu and model not in evicted.get(name, ()):
+            add(Fit(name, Verdict.RESIDENT, (), (), None, None, loaded.vram_bytes))
+            resident.append(name)
+            continue
+        if loaded is None and model not in v.installed:
+            add(v.not_installed)
+            continue
+        if v.no_gpu is not None:
+            add(v.no_gpu)
+            continue
+        if need is None:
+            add(Fit(name, Verdict.SIZE_UNKNOWN))
+            continue
+        if backoff and (model, name) in backoff:
+            add(Fit(name, Verdict.BACKOFF))
+            continue
+        if v.max_usable < need and (v.n_gpus < 2 or v.sum_usable < span_need(need, v.n_gpus)):
+            span = v.sum_usable if v.n_gpus > 1 else None
+            add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, v.max_usable, span))
+            continue
+        # A copy of this model already there (partly on CPU) gives its VRAM back on reload.
+        returned = loaded.vram_bytes if loaded is not None else 0
+        if frozen is not None and not returned:
+            frees, singles, total = frozen[name]
+            k = bisect_left(frees, need)  # the smallest free that holds it is the best fit
+            if k < len(frees):
+                f = new(Fit, (name, fits_v, singles[k], (), frees[k] - need, need, None, None, ""))
+            elif len(frees) > 1 and total >= span_need(need, len(frees)):
+                left = total - span_need(need, len(frees))
+                f = new(Fit, (name, fits_v, tuple(range(len(frees))), (), left, need, None, None, ""))
+            else:
+                add(new(Fit, (name, no_room, (), (), None, need, total, None, "")))
+                continue
+        else:
+            spot = room.place(name, need, returned)
+            if spot is None:
+                add(Fit(name, no_room, (), (), None, need, sum(room.free.get(name, ()))))
+                continue
+            f = Fit(name, fits_v, spot[0], (), spot[1], need)
+        add(f)
+        if best is None or (f.left_bytes or 0) < (best.left_bytes or 0):
+            best = f
+    return _Judged(out, resident, best)
 
 
 def _best_fit(
-    state: ClusterState,
-    model: str,
-    need: int,
-    fits: list[Fit],
-    chosen: list[str],
-    room: _Room,
+    state: ClusterState, model: str, fits: list[Fit], chosen: list[str]
 ) -> tuple[str, tuple[int, ...], list[str], int] | None:
-    best: tuple[tuple[int, int], str, tuple[int, ...], list[str], int] | None = None
-    order = {n.name: i for i, n in enumerate(state.nodes)}
+    """The FITS verdict leaving the least room, among nodes not chosen yet for this model.
+
+    The verdicts were judged against the current room, and a placement changes only the node it
+    goes to, which is then excluded: their figures stay true across this model's replicas.
+    """
+    best: Fit | None = None
     for f in fits:
-        if f.verdict is not Verdict.FITS or f.node in chosen:
-            continue
-        node = state.node(f.node)
-        assert node is not None
-        loaded = node.loaded_model(model)
-        returned = loaded.vram_bytes if loaded is not None else 0
-        spot = room.place(f.node, need, returned)
-        if spot is None:
-            continue
-        # A copy on CPU or split with the CPU is unloaded first: loading again without a change
-        # of options would just reuse that runner.
-        victims = [model] if loaded is not None else []
-        key = (spot[1], order[f.node])
-        if best is None or key < best[0]:
-            best = (key, f.node, spot[0], victims, returned)
+        if (
+            f.verdict is Verdict.FITS
+            and f.node not in chosen
+            and (best is None or (f.left_bytes or 0) < (best.left_bytes or 0))
+        ):
+            best = f
     if best is None:
         return None
-    return best[1], best[2], best[3], best[4]
+    node = state.node(best.node)
+    loaded = node.loaded_model(model) if node is not None else None
+    # A copy on CPU or split with the CPU is unloaded first: loading again without a change of
+    # options would just reuse that runner.
+    victims = [model] if loaded is not None else []
+    return best.node, best.gpus, victims, loaded.vram_bytes if loaded is not None else 0
 
 
 def _make_room(
@@ -504,15 +648,14 @@ def _anywhere_on_gpu(state: ClusterState, model: str) -> bool:
     )
 
 
-def _decide_other(state: ClusterState, model: str, fits: list[Fit]) -> Decision:
-    resident = [f.node for f in fits if f.verdict is Verdict.RESIDENT]
-    if resident:
-        return Decision(Placement.GPU, resident[0], f"already on GPU on {resident[0]}", tuple(resident))
-    candidates = [(f.left_bytes or 0, i, f) for i, f in enumerate(fits) if f.verdict is Verdict.FITS]
-    if candidates:
-        f = min(candidates, key=lambda c: (c[0], c[1]))[2]
+def _decide_other(state: ClusterState, model: str, judged: _Judged) -> Decision:
+    if judged.resident:
+        first = judged.resident[0]
+        return Decision(Placement.GPU, first, f"already on GPU on {first}", tuple(judged.resident))
+    if judged.best is not None:
+        f = judged.best
         return Decision(Placement.GPU, f.node, f"best fit: {f.reason}", (f.node,))
-    return _cpu_or_none(state, model, fits)
+    return _cpu_or_none(state, model, judged.fits)
 
 
 def _cpu_or_none(state: ClusterState, model: str, fits: list[Fit]) -> Decision:

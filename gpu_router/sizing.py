@@ -119,18 +119,36 @@ def estimate(info: ModelInfo | None, file_size_bytes: int | None, default_num_ct
     return SizeEstimate(None, SizeSource.UNKNOWN, "no size on any node")
 
 
-def observed_size(state: ClusterState, model: str) -> tuple[int, str] | None:
-    """The largest ``size`` of ``model`` seen fully on GPU right now, and where."""
-    best: tuple[int, str] | None = None
-    for node in state.nodes:
-        loaded = node.loaded_model(model) if node.up else None
-        if (
-            loaded is not None
-            and loaded.processor is Processor.GPU
-            and (best is None or loaded.size_bytes > best[0])
-        ):
-            best = (loaded.size_bytes, node.name)
-    return best
+class SizeIndex:
+    """What one cluster observation says about every model's size, gathered in one pass."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.observed: dict[str, tuple[int, str]] = {}  # largest size fully on GPU, and where
+        self.file_bytes: dict[str, int] = {}
+        self.info: dict[str, ModelInfo] = {}
+        for node in state.nodes:
+            if not node.up:
+                continue
+            for m in node.loaded:
+                seen = self.observed.get(m.name)
+                if m.processor is Processor.GPU and (seen is None or m.size_bytes > seen[0]):
+                    self.observed[m.name] = (m.size_bytes, node.name)
+            for inst in node.installed:
+                if inst.size_bytes > self.file_bytes.get(inst.name, 0):
+                    self.file_bytes[inst.name] = inst.size_bytes
+            for name, info in node.info.items():
+                self.info.setdefault(name, info)
+
+    def need(
+        self, model: str, default_num_ctx: int, learned: Mapping[str, int] | None = None
+    ) -> SizeEstimate:
+        """The VRAM ``model`` needs, from the best source available."""
+        seen = self.observed.get(model)
+        if seen is not None:
+            return SizeEstimate(seen[0], SizeSource.OBSERVED, f"/api/ps on {seen[1]}, fully on GPU")
+        if learned and learned.get(model):
+            return SizeEstimate(learned[model], SizeSource.OBSERVED, "learned from an earlier /api/ps")
+        return estimate(self.info.get(model), self.file_bytes.get(model), default_num_ctx)
 
 
 def model_need(
@@ -140,20 +158,7 @@ def model_need(
     learned: Mapping[str, int] | None = None,
 ) -> SizeEstimate:
     """The VRAM ``model`` needs, from the best source available."""
-    seen = observed_size(state, model)
-    if seen is not None:
-        return SizeEstimate(seen[0], SizeSource.OBSERVED, f"/api/ps on {seen[1]}, fully on GPU")
-    if learned and learned.get(model):
-        return SizeEstimate(learned[model], SizeSource.OBSERVED, "learned from an earlier /api/ps")
-    info: ModelInfo | None = None
-    file_size: int | None = None
-    for node in state.nodes:
-        if info is None:
-            info = node.info.get(model)
-        inst = node.installed_model(model)
-        if inst is not None and inst.size_bytes > 0:
-            file_size = max(file_size or 0, inst.size_bytes)
-    return estimate(info, file_size, default_num_ctx)
+    return SizeIndex(state).need(model, default_num_ctx, learned)
 
 
 def span_need(need_bytes: int, gpu_count: int) -> int:

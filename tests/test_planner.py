@@ -167,7 +167,9 @@ def test_failover_then_no_flap_when_the_node_returns():
     down = cluster(node("a", status=NodeStatus.DOWN, error="refused"), node("b", (8,), installed={M: 2}))
     assert actions(plan(down, config(M), learned=learned(m__latest=3))) == [("load", "b", M)]
     # a is back (models dropped by its restart); M is on b: nothing moves back.
-    back = cluster(node("a", (8,), installed={M: 2}), node("b", (8,), loaded_models=(loaded(M, 3, pinned=True),)))
+    back = cluster(
+        node("a", (8,), installed={M: 2}), node("b", (8,), loaded_models=(loaded(M, 3, pinned=True),))
+    )
     assert plan(back, config(M)).actions == ()
 
 
@@ -230,10 +232,26 @@ def clusters(draw):
             if draw(st.integers(0, 3)) == 0:
                 size = draw(st.floats(0.5, 10))
                 frac = draw(st.sampled_from([0.0, 0.5, 1.0])) if gpus else 0.0
-                lm.append(loaded(m, size, size * frac, pinned=draw(st.booleans()), expires_in_s=draw(st.integers(1, 900))))
+                lm.append(
+                    loaded(
+                        m,
+                        size,
+                        size * frac,
+                        pinned=draw(st.booleans()),
+                        expires_in_s=draw(st.integers(1, 900)),
+                    )
+                )
         status = draw(st.sampled_from([NodeStatus.UP, NodeStatus.UP, NodeStatus.UP, NodeStatus.DOWN]))
-        nodes.append(node(f"n{i}", gpus if gpus else None, installed=inst, loaded_models=tuple(lm), status=status,
-                          error="refused"))
+        nodes.append(
+            node(
+                f"n{i}",
+                gpus if gpus else None,
+                installed=inst,
+                loaded_models=tuple(lm),
+                status=status,
+                error="refused",
+            )
+        )
     sizes = {m: gib(draw(st.floats(0.2, 30))) for m in names}
     prio = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
     evict = draw(st.sampled_from(["never", "idle", "any"]))
@@ -251,8 +269,11 @@ def test_never_overbooks_a_gpu(case):
         loads = [a for a in p.actions if a.node == n.name and a.kind is ActionKind.LOAD]
         if not loads or not caps[n.name].gpus:
             continue
-        freed = sum(m.vram_bytes for m in n.loaded
-                    if any(a.kind is ActionKind.UNLOAD and a.node == n.name and a.model == m.name for a in p.actions))
+        freed = sum(
+            m.vram_bytes
+            for m in n.loaded
+            if any(a.kind is ActionKind.UNLOAD and a.node == n.name and a.model == m.name for a in p.actions)
+        )
         free = sum(g.free_bytes for g in caps[n.name].gpus)
         # Every GPU load is planned within the free usable VRAM plus what the planned unloads return.
         assert sum(a.need_bytes for a in loads) <= free + freed

@@ -17,13 +17,27 @@ from gpu_router.state import MIB, ModelInfo
 
 # llama3 8B metadata, as /api/show gives it
 LLAMA3_8B = ModelInfo(
-    "llama3:8b", "llama", ("completion",), block_count=32, embedding_length=4096, head_count=32,
-    head_count_kv=8, context_length=8192, vocab_size=128256,
+    "llama3:8b",
+    "llama",
+    ("completion",),
+    block_count=32,
+    embedding_length=4096,
+    head_count=32,
+    head_count_kv=8,
+    context_length=8192,
+    vocab_size=128256,
 )
 # mistral 7B: the model of docs/api.md's /api/ps example (size 5137025024, num_ctx 2048 then)
 MISTRAL_7B = ModelInfo(
-    "mistral:latest", "llama", ("completion",), block_count=32, embedding_length=4096, head_count=32,
-    head_count_kv=8, context_length=32768, vocab_size=32000,
+    "mistral:latest",
+    "llama",
+    ("completion",),
+    block_count=32,
+    embedding_length=4096,
+    head_count=32,
+    head_count_kv=8,
+    context_length=32768,
+    vocab_size=32000,
 )
 MISTRAL_FILE = 4_113_301_824
 
@@ -51,19 +65,30 @@ def test_estimate_is_close_to_what_ollama_reported_for_mistral():
     assert est.source is SizeSource.ESTIMATED
     assert est.need_bytes is not None
     assert abs(est.need_bytes - 5_137_025_024) / 5_137_025_024 < 0.03
-    assert "KV 256 MiB" in est.detail and "at ctx 2048" in est.detail
+    assert "KV 256 MiB" in est.detail
+    assert "at ctx 2048" in est.detail
 
 
 def test_context_is_the_models_own_else_config_clamped_to_training():
     assert effective_context(LLAMA3_8B, 4096) == 4096
     assert effective_context(LLAMA3_8B, 100_000) == 8192
-    own = ModelInfo("x", "llama", block_count=1, embedding_length=8, head_count=1, context_length=8192, num_ctx=2048)
+    own = ModelInfo(
+        "x", "llama", block_count=1, embedding_length=8, head_count=1, context_length=8192, num_ctx=2048
+    )
     assert effective_context(own, 4096) == 2048
 
 
 def test_unknown_arch_uses_the_fallback_graph():
-    bert = ModelInfo("e", "bert", ("embedding",), block_count=24, embedding_length=1024, head_count=16,
-                     head_count_kv=16, context_length=512)
+    bert = ModelInfo(
+        "e",
+        "bert",
+        ("embedding",),
+        block_count=24,
+        embedding_length=1024,
+        head_count=16,
+        head_count_kv=16,
+        context_length=512,
+    )
     b = breakdown(bert, 669_615_493, 4096)
     assert b is not None
     assert b.context_length == 512
@@ -83,7 +108,8 @@ def test_missing_metadata_falls_back_to_the_file():
 
 def test_nothing_known_is_unknown_not_zero():
     est = estimate(None, None, 4096)
-    assert est.source is SizeSource.UNKNOWN and est.need_bytes is None
+    assert est.source is SizeSource.UNKNOWN
+    assert est.need_bytes is None
 
 
 def test_observed_beats_learned_beats_estimate():
@@ -91,7 +117,8 @@ def test_observed_beats_learned_beats_estimate():
     on_gpu = node("a", loaded_models=(loaded("m:latest", 5.5),), info=info)
     partial = node("b", loaded_models=(loaded("m:latest", 7, 3),), info=info)
     need = model_need(cluster(partial, on_gpu), "m:latest", 4096, learned={"m:latest": 123})
-    assert need.source is SizeSource.OBSERVED and "on a" in need.detail
+    assert need.source is SizeSource.OBSERVED
+    assert "on a" in need.detail
     assert need.need_bytes == loaded("m:latest", 5.5).size_bytes
     # Partial copies are not proof of the full size: the learned figure wins then.
     need = model_need(cluster(partial), "m:latest", 4096, learned={"m:latest": 123})

@@ -1,0 +1,92 @@
+"""Planner time for a large cluster: 1,000 nodes x 4 GPUs x 200 models.
+
+Run: .venv/bin/python bench/bench_planner.py [--nodes 1000] [--gpus 4] [--models 200] [--repeat 5]
+Prints the median and best of several runs; the planner is pure, so this is CPU time only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from datetime import datetime, timedelta, timezone
+
+from gpu_router.config import Config, GpuSpec, NodeConfig, PriorityModel
+from gpu_router.planner import plan
+from gpu_router.state import (
+    GIB,
+    ClusterState,
+    Gpu,
+    GpuReading,
+    InstalledModel,
+    LoadedModel,
+    NodeState,
+    NodeStatus,
+    VramSource,
+)
+
+
+def build(nodes: int, gpus: int, models: int, seed: int = 1) -> tuple[ClusterState, Config, dict[str, int]]:
+    rnd = random.Random(seed)
+    now = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    names = [f"model-{i}:latest" for i in range(models)]
+    sizes = {m: int(rnd.uniform(0.2, 20) * GIB) for m in names}
+    out = []
+    for i in range(nodes):
+        total = rnd.choice([8, 16, 24, 48]) * GIB
+        installed = tuple(InstalledModel(m, sizes[m] // 2) for m in names)
+        # Priority models (the first 20) start unloaded, so the pass has real placements to make.
+        resident = [m for m in rnd.sample(names[20:], 3) if sizes[m] < total // 2]
+        loaded = tuple(
+            LoadedModel(m, sizes[m], sizes[m], expires_at=now + timedelta(seconds=rnd.randint(1, 600)))
+            for m in resident
+        )
+        used = sum(m.size_bytes for m in loaded)
+        gpu_list = []
+        for g in range(gpus):
+            u = min(used, total)
+            used -= u
+            gpu_list.append(Gpu(g, "bench", total, u, total - u))
+        out.append(
+            NodeState(
+                f"n{i}",
+                f"http://n{i}:11434",
+                NodeStatus.UP,
+                gpu=GpuReading(VramSource.NVML, tuple(gpu_list)),
+                loaded=loaded,
+                installed=installed,
+            )
+        )
+    cfg = Config(
+        nodes=tuple(NodeConfig(n.name, n.url, GpuSpec("nvml")) for n in out),
+        priority_models=tuple(PriorityModel(m, replicas=2) for m in names[:20]),
+    )
+    return ClusterState(tuple(out), observed_at=now), cfg, sizes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=1000)
+    ap.add_argument("--gpus", type=int, default=4)
+    ap.add_argument("--models", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    state, cfg, sizes = build(args.nodes, args.gpus, args.models)
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        p = plan(state, cfg, learned=sizes)
+        times.append(time.perf_counter() - t0)
+    verdicts = sum(len(m.fits) for m in p.models)
+    print(
+        f"planner: {args.nodes} nodes x {args.gpus} GPUs x {args.models} models "
+        f"({verdicts:,} node verdicts, {len(p.actions)} actions)"
+    )
+    print(
+        f"planner: median {statistics.median(times):.3f} s, best {min(times):.3f} s over {args.repeat} runs"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -659,17 +659,18 @@ def _decide_other(state: ClusterState, model: str, judged: _Judged) -> Decision:
 
 
 def _cpu_or_none(state: ClusterState, model: str, fits: list[Fit]) -> Decision:
+    # Only ``size_vram == size`` is on GPU: a partial offload runs at CPU speed, so it is CPU here.
     for n in state.nodes:
         loaded = n.loaded_model(model) if n.up else None
         if loaded is not None:
+            split = "partially offloaded, " if loaded.processor is Processor.PARTIAL else ""
             return Decision(
-                Placement.CPU if loaded.processor is Processor.CPU else Placement.GPU,
+                Placement.CPU,
                 n.name,
-                f"loaded on {n.name} as {loaded.processor_label}; no node can hold it fully on GPU now",
+                f"loaded on {n.name} as {loaded.processor_label} ({split}no node can hold it fully on GPU now)",
                 (n.name,),
             )
-    why = _summary(fits)
-    return Decision(Placement.NONE, None, f"no node can hold it on GPU: {why}")
+    return Decision(Placement.NONE, None, f"no node can hold it on GPU: {_summary(fits)}")
 
 
 def _summary(fits: list[Fit]) -> str:

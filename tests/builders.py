@@ -27,8 +27,14 @@ def gib(x: float) -> int:
     return int(x * GIB)
 
 
-def loaded(name: str, size_gib: float, vram_gib: float | None = None, *, pinned: bool = False,
-           expires_in_s: float = 300) -> LoadedModel:
+def loaded(
+    name: str,
+    size_gib: float,
+    vram_gib: float | None = None,
+    *,
+    pinned: bool = False,
+    expires_in_s: float = 300,
+) -> LoadedModel:
     size = gib(size_gib)
     vram = size if vram_gib is None else gib(vram_gib)
     expires = FOREVER if pinned else NOW + timedelta(seconds=expires_in_s)
@@ -56,7 +62,9 @@ def node(
     elif source is VramSource.UNKNOWN:
         reading = GpuReading(VramSource.UNKNOWN, (), error="no GPU source configured")
     elif source is VramSource.STATIC:
-        reading = GpuReading(VramSource.STATIC, tuple(Gpu(i, "static", gib(t)) for i, t in enumerate(gpus_gib)))
+        reading = GpuReading(
+            VramSource.STATIC, tuple(Gpu(i, "static", gib(t)) for i, t in enumerate(gpus_gib))
+        )
     else:
         resident = sum(m.vram_bytes for m in loaded_models)
         gpus = []

@@ -144,7 +144,9 @@ def test_partial_priority_model_is_reloaded_only_when_it_will_then_fit():
     # On a 4 GiB card (3.2 usable) it will not fit fully: leave it alone.
     small = plan(cluster(node("a", (4,), loaded_models=(part,))), config(M))
     assert small.actions == ()
-    assert small.model(M).decision.placement is Placement.GPU  # where it is, partially
+    d = small.model(M).decision
+    assert (d.placement, d.node) == (Placement.CPU, "a")  # partial offload is not on GPU
+    assert "partially offloaded" in d.reason
 
 
 def test_replicas_go_to_distinct_nodes():

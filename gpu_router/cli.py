@@ -1,0 +1,275 @@
+"""Command line: the daemon, the one-shot report, and the inspection sub-commands.
+
+Exit codes: 0 ok, 1 other failure, 2 usage, 78 bad configuration (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from gpu_router import __version__
+from gpu_router.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    find_config_path,
+    load_config,
+    normalize_model_name,
+)
+from gpu_router.observe import observe_once
+from gpu_router.planner import plan
+from gpu_router.report import (
+    Json,
+    Table,
+    build_report,
+    gib,
+    model_table,
+    render,
+    report_tables,
+    summary_line,
+    write_json,
+)
+from gpu_router.systemd import setup_logging
+
+log = logging.getLogger("gpu_router.cli")
+
+EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # Sub-commands repeat the common options so they work on either side of the command name;
+    # SUPPRESS keeps a sub-parser's unset option from overwriting the value given before it.
+    d = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "-c", "--config", default=d, metavar="PATH", help="config file (default: search order)"
+    )
+    parser.add_argument("--json", action="store_true", default=d or False, help="print JSON for scripts")
+    parser.add_argument(
+        "--log-level", default=d, metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: config)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and --help)."""
+    p = argparse.ArgumentParser(
+        prog="gpu-router",
+        description="Keep priority Ollama models on the GPU nodes of a cluster.",
+        epilog="Config search order: --config, $GPU_ROUTER_CONFIG, $CONFIGURATION_DIRECTORY/config.yaml, "
+        "/etc/gpu-router/config.yaml.",
+    )
+    p.add_argument("--version", action="version", version=f"gpu-router {__version__}")
+    _common(p, suppress=False)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--report-only", action="store_true", help="print the cluster and fit decisions; change nothing"
+    )
+    mode.add_argument(
+        "--check-config", action="store_true", help="validate the config: exit 0, or 78 with the error"
+    )
+    mode.add_argument("--once", action="store_true", help="run one reconcile and exit")
+    p.add_argument("--dry-run", action="store_true", help="log the actions the daemon would take; send none")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in (
+        ("route", "where MODEL should run and why"),
+        ("check", "which nodes can fit MODEL on GPU, with numbers"),
+    ):
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("model", metavar="MODEL")
+        _common(sp, suppress=True)
+    sp = sub.add_parser("models", help="every model in the cluster: where, size on disk, VRAM needed")
+    _common(sp, suppress=True)
+    sp = sub.add_parser("demo", help="run a simulated 3-node cluster on 127.0.0.1 and report on it")
+    sp.add_argument("--serve", action="store_true", help="keep the cluster running and print a config for it")
+    _common(sp, suppress=True)
+    return p
+
+
+def _load(args: argparse.Namespace) -> Config:
+    # An explicit path is passed as typed, so messages name the file the way the user wrote it.
+    return load_config(args.config or find_config_path(None))
+
+
+def _is_tty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _emit(tables: list[Table], data: Json, args: argparse.Namespace, out: TextIO, footer: str = "") -> None:
+    if args.json:
+        write_json(data, out)
+    else:
+        render(tables, out, rich=_is_tty(out), footer=footer)
+
+
+def _report(config: Config) -> Json:
+    state = observe_once(config)
+    from gpu_router.store import load_learned
+
+    return build_report(state, plan(state, config, learned=load_learned(config)))
+
+
+def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``--report-only``: observe, plan, print; never change anything."""
+    data = _report(config)
+    _emit(report_tables(data), data, args, out, footer=summary_line(data))
+    return EX_OK
+
+
+def _find_model(data: Json, model: str) -> Json | None:
+    name = normalize_model_name(model)
+    return next((m for m in data["models"] if m["model"] == name), None)
+
+
+def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``route MODEL``: the decision and every node's verdict."""
+    data = _report(config)
+    m = _find_model(data, args.model)
+    if m is None:
+        print(
+            f"gpu-router: model {normalize_model_name(args.model)!r} is not installed on any node that is up",
+            file=sys.stderr,
+        )
+        return EX_FAIL
+    d = m["decision"]
+    rows = tuple((f["node"], "yes" if f["fits"] else "no", f["verdict"], f["reason"]) for f in m["fits"])
+    title = f"{m['model']}: {d['placement'].upper()}" + (f" on {d['node']}" if d["node"] else "")
+    table = Table(
+        title,
+        ("NODE", "FITS", "VERDICT", "REASON"),
+        rows,
+        note=f"needs {gib(m['need_bytes'])} ({m['size_source']}: {m['size_detail']}); {d['reason']}",
+    )
+    _emit([table], m, args, out)
+    return EX_OK
+
+
+def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``check MODEL``: which nodes fit it on GPU, with the numbers."""
+    data = _report(config)
+    m = _find_model(data, args.model)
+    if m is None:
+        print(
+            f"gpu-router: model {normalize_model_name(args.model)!r} is not installed on any node that is up",
+            file=sys.stderr,
+        )
+        return EX_FAIL
+    nodes = {n["name"]: n for n in data["nodes"]}
+    rows = []
+    for f in m["fits"]:
+        n = nodes[f["node"]]
+        rows.append(
+            (
+                f["node"],
+                "yes" if f["fits"] else "no",
+                gib(m["need_bytes"]),
+                gib(n["usable_vram_bytes"]),
+                gib(n["free_vram_bytes"]),
+                f["reason"],
+            )
+        )
+    fitting = [f["node"] for f in m["fits"] if f["fits"]]
+    result = {
+        "model": m["model"],
+        "need_bytes": m["need_bytes"],
+        "size_source": m["size_source"],
+        "fits_on": fitting,
+        "nodes": [
+            {
+                "node": f["node"],
+                "fits": f["fits"],
+                "verdict": f["verdict"],
+                "reason": f["reason"],
+                "usable_vram_bytes": nodes[f["node"]]["usable_vram_bytes"],
+                "free_vram_bytes": nodes[f["node"]]["free_vram_bytes"],
+            }
+            for f in m["fits"]
+        ],
+    }
+    table = Table(
+        f"{m['model']} fits on GPU on: {', '.join(fitting) or 'no node'}",
+        ("NODE", "FITS", "NEEDS", "USABLE", "FREE", "REASON"),
+        tuple(rows),
+    )
+    _emit([table], result, args, out)
+    return EX_OK
+
+
+def cmd_models(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``models``: every model known in the cluster."""
+    data = _report(config)
+    rows = tuple(
+        (
+            m["model"],
+            "yes" if m["priority"] else "",
+            ",".join(m["installed_on"]) or "-",
+            gib(m["file_bytes"]),
+            gib(m["need_bytes"]),
+            m["size_source"],
+            ",".join(m["capabilities"] or []) or "?",
+        )
+        for m in data["models"]
+    )
+    table = Table(
+        "Models", ("MODEL", "PRIO", "INSTALLED ON", "ON DISK", "VRAM NEEDED", "SOURCE", "CAPABILITIES"), rows
+    )
+    _emit([table, model_table(data)], {"models": data["models"]}, args, out)
+    return EX_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """``demo``: start the emulated cluster and show the report against it."""
+    from gpu_router.demo import run_demo
+
+    return run_demo(serve=args.serve, as_json=args.json, out=out, rich=_is_tty(out))
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    out = out or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level or "WARNING" if _one_shot(args) else args.log_level or "INFO")
+    try:
+        if args.command == "demo":
+            return cmd_demo(args, out)
+        config = _load(args)
+        if args.log_level is None and not _one_shot(args):
+            setup_logging(config.log_level)
+        if args.check_config:
+            print(
+                f"{config.path}: OK ({len(config.nodes)} nodes,"
+                f" {len(config.priority_models)} priority models)",
+                file=out,
+            )
+            return EX_OK
+        commands = {"route": cmd_route, "check": cmd_check, "models": cmd_models}
+        if args.command in commands:
+            return commands[args.command](config, args, out)
+        if args.report_only:
+            return cmd_report(config, args, out)
+        from gpu_router.daemon import run_daemon
+
+        return run_daemon(config, once=args.once, dry_run=args.dry_run)
+    except ConfigError as exc:
+        print(f"gpu-router: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `gpu-router --report-only | head` closes the pipe early: not an error worth a traceback.
+        return EX_OK
+
+
+def _one_shot(args: argparse.Namespace) -> bool:
+    return bool(args.report_only or args.check_config or args.command)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

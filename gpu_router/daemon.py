@@ -1,0 +1,323 @@
+"""The control loop: observe -> plan -> act, with a cheap ``/api/ps`` watch in between.
+
+Only this thread talks to systemd, and it pings the watchdog on every wake-up, so a hung loop is
+caught while a long load (in an executor thread) is not. Signal handlers only set flags and wake
+the loop; the loop waits on an Event with a deadline and never sleeps blindly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from gpu_router.config import Config, ConfigError, load_config
+from gpu_router.executor import ActionResult, Backoff, Executor
+from gpu_router.observe import Observer
+from gpu_router.ollama import OllamaError
+from gpu_router.planner import Action, ActionKind, Plan, plan
+from gpu_router.state import ClusterState, Processor
+from gpu_router.store import SizeStore, store_for
+from gpu_router.systemd import Notifier, set_level
+
+log = logging.getLogger(__name__)
+
+# How long SIGTERM waits for a load in flight before leaving it to Ollama: well inside the
+# unit's TimeoutStopSec, and under the 10 s a stop may take.
+STOP_GRACE_S = 7.0
+
+
+@dataclass
+class _Expect:
+    """What the last reconcile left in place, for the watch to compare against."""
+
+    node_up: dict[str, bool]
+    pinned: dict[str, set[str]]  # node -> priority models fully on GPU there
+
+
+class Daemon:
+    """One gpu-router service instance."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: Notifier | None = None,
+        dry_run: bool = False,
+        observer_factory: Callable[[Config], Observer] = Observer,
+        store: SizeStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.dry_run = dry_run
+        self._observer_factory = observer_factory
+        self._clock = clock
+        self.observer = observer_factory(config)
+        self.store = store or store_for(config)
+        self.store.load()
+        self.backoff = Backoff(clock=clock)
+        self.executor = self._new_executor()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._reconcile_now = threading.Event()
+        self.reconciles = 0
+        self._expect = _Expect({}, {})
+        self._status = "starting"
+
+    # Signals: set flags, wake the loop, nothing else.
+
+    def request_stop(self, *_: object) -> None:
+        """SIGTERM/SIGINT."""
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self, *_: object) -> None:
+        """SIGHUP."""
+        self._reload.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        """Route SIGTERM, SIGINT and SIGHUP to the flags above."""
+
+        def stop(_signum: int, _frame: FrameType | None) -> None:
+            self.request_stop()
+
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            self.request_reload()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _new_executor(self) -> Executor:
+        return Executor(
+            self.observer.clients, load_timeout_s=self.config.load_timeout_s, on_done=self._wake_up
+        )
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    # The loop.
+
+    def run(self, once: bool = False) -> int:
+        """Run until stopped (or one reconcile with ``once``); returns the exit code."""
+        c = self.config
+        self.notifier.ready(f"watching {len(c.nodes)} nodes every {c.check_interval_s:g}s")
+        log.info(
+            "gpu-router started: %d nodes, %d priority models, check every %gs, watch every %gs%s%s",
+            len(c.nodes),
+            len(c.priority_models),
+            c.check_interval_s,
+            c.watch_interval_s,
+            "" if c.auto_optimize else ", monitor only (auto_optimize: false)",
+            ", dry run" if self.dry_run else "",
+        )
+        next_reconcile = self._clock()
+        next_watch = next_reconcile + self._watch_interval()
+        try:
+            while not self._stop.is_set():
+                self.notifier.watchdog()
+                self._handle_results()
+                if self._reload.is_set():
+                    self._do_reload()
+                    next_reconcile = self._clock()
+                now = self._clock()
+                if now >= next_reconcile or self._reconcile_now.is_set():
+                    self._reconcile_now.clear()
+                    self.reconcile()
+                    if once:
+                        self.executor.wait_idle(self.config.load_timeout_s + 5)
+                        self._handle_results()
+                        break
+                    now = self._clock()
+                    next_reconcile = now + self.config.check_interval_s
+                    next_watch = now + self._watch_interval()
+                elif now >= next_watch:
+                    if self.watch():
+                        self._reconcile_now.set()
+                        continue
+                    next_watch = now + self._watch_interval()
+                deadline = min(next_reconcile, next_watch)
+                timeout = max(0.0, deadline - self._clock())
+                if self.notifier.watchdog_interval_s is not None:
+                    timeout = min(timeout, self.notifier.watchdog_interval_s)
+                self._wake.wait(timeout)
+                self._wake.clear()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _watch_interval(self) -> float:
+        w = self.config.watch_interval_s
+        return w if w > 0 else float("inf")
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping("stopping")
+        busy = self.executor.busy_nodes()
+        if busy:
+            log.info("waiting up to %gs for actions in flight on %s", STOP_GRACE_S, ", ".join(sorted(busy)))
+        if not self.executor.stop(STOP_GRACE_S):
+            log.warning(
+                "leaving actions in flight on %s; the next start will see to them",
+                ", ".join(sorted(self.executor.busy_nodes())),
+            )
+        self._handle_results()
+        self.store.save()
+        self.observer.close()
+        log.info("gpu-router stopped")
+
+    def reconcile(self) -> Plan:
+        """One observe -> plan -> act pass."""
+        self.reconciles += 1
+        start = self._clock()
+        state = self.observer.observe()
+        if self.store.learn(state):
+            self.store.save()
+        p = plan(state, self.config, learned=self.store.sizes, backoff=self.backoff.blocked())
+        self._remember(state, p)
+        acted = self._act(p)
+        self._set_status(state, p, acted)
+        log.debug("reconcile #%d took %.2fs", self.reconciles, self._clock() - start)
+        return p
+
+    def _act(self, p: Plan) -> int:
+        if not p.actions:
+            return 0
+        if not self.config.auto_optimize or self.dry_run:
+            why = "dry run" if self.dry_run else "auto_optimize is off"
+            for a in p.actions:
+                log.info("would %s %s on %s (%s): %s", a.kind.value, a.model, a.node, why, a.reason)
+            return 0
+        busy = self.executor.busy_nodes()
+        loading = self.executor.loading_models()
+        by_node: dict[str, list[Action]] = defaultdict(list)
+        for a in p.actions:
+            target = a.for_model or a.model
+            if a.node in busy or target in loading:
+                log.debug("deferring %s %s on %s: an action is in flight", a.kind.value, a.model, a.node)
+                continue
+            by_node[a.node].append(a)
+        started = 0
+        for node, actions in by_node.items():
+            if self.executor.submit(node, actions):
+                started += len(actions)
+                for a in actions:
+                    log.info("%s %s on %s: %s", a.kind.value, a.model, node, a.reason)
+        return started
+
+    def _handle_results(self) -> None:
+        for r in self.executor.collect():
+            self._log_result(r)
+
+    def _log_result(self, r: ActionResult) -> None:
+        a = r.action
+        level = logging.INFO if r.ok else logging.WARNING
+        log.log(
+            level,
+            "action %s node=%s model=%s result=%s duration=%.1fs: %s",
+            a.kind.value,
+            a.node,
+            a.model,
+            "ok" if r.ok else "failed",
+            r.duration_s,
+            r.detail,
+        )
+        if a.kind is not ActionKind.LOAD:
+            return
+        if r.ok:
+            self.backoff.succeeded(a.model, a.node)
+            self._expect.pinned.setdefault(a.node, set()).add(a.model)
+            if r.observed is not None and self.store.learn_one(a.model, r.observed.size_bytes):
+                self.store.save()
+        else:
+            delay = self.backoff.failed(a.model, a.node)
+            log.warning("not trying %s on %s again for %.0fs", a.model, a.node, delay)
+        # Verify changed the picture; look again soon rather than a full interval later.
+        self._reconcile_now.set()
+
+    def _remember(self, state: ClusterState, p: Plan) -> None:
+        priority = {m.model for m in p.models if m.priority}
+        pinned: dict[str, set[str]] = {}
+        for n in state.nodes:
+            if n.up:
+                pinned[n.name] = {
+                    m.name for m in n.loaded if m.name in priority and m.processor is Processor.GPU
+                }
+        self._expect = _Expect({n.name: n.up for n in state.nodes}, pinned)
+
+    def watch(self) -> bool:
+        """Cheap drift check; True when something changed that a reconcile should fix."""
+        seen = self.observer.watch()
+        for node, result in seen.items():
+            was_up = self._expect.node_up.get(node)
+            if isinstance(result, OllamaError):
+                if was_up:
+                    log.warning("watch: node %s went %s: %s", node, result.status.value, result.message)
+                    return True
+                continue
+            if was_up is False:
+                log.info("watch: node %s is back", node)
+                return True
+            on_gpu = {m.name for m in result if m.processor is Processor.GPU}
+            lost = self._expect.pinned.get(node, set()) - on_gpu
+            if lost:
+                log.warning("watch: %s no longer fully on GPU on %s", ", ".join(sorted(lost)), node)
+                return True
+        return False
+
+    def _set_status(self, state: ClusterState, p: Plan, acted: int) -> None:
+        priority = [m for m in p.models if m.priority]
+        placed = sum(1 for m in priority if m.replicas_on_gpu >= max(1, m.replicas_wanted))
+        down = sum(1 for n in state.nodes if not n.up)
+        parts = [f"reconcile #{self.reconciles}: {placed}/{len(priority)} priority models on GPU"]
+        if down:
+            parts.append(f"{down} node{'s' if down > 1 else ''} down")
+        if acted:
+            parts.append(f"{acted} action{'s' if acted > 1 else ''} started")
+        elif p.actions and (self.dry_run or not self.config.auto_optimize):
+            parts.append(
+                f"{len(p.actions)} actions not taken ({'dry run' if self.dry_run else 'monitor only'})"
+            )
+        self._status = ", ".join(parts)
+        self.notifier.status(self._status)
+        log.info("%s", self._status)
+
+    def _do_reload(self) -> None:
+        self._reload.clear()
+        self.notifier.reloading()
+        path = self.config.path
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        else:
+            # Let sequences in flight finish against the old clients before they are closed.
+            self.executor.stop(STOP_GRACE_S)
+            self._handle_results()
+            self.observer.close()
+            self.config = new
+            self.observer = self._observer_factory(new)
+            self.executor = self._new_executor()
+            set_level(new.log_level)
+            log.info(
+                "configuration reloaded from %s: %d nodes, %d priority models",
+                path,
+                len(new.nodes),
+                len(new.priority_models),
+            )
+        self.notifier.ready(self._status)
+
+
+def run_daemon(config: Config, *, once: bool = False, dry_run: bool = False) -> int:
+    """Run the service in the foreground (systemd supervises it)."""
+    with Notifier() as notifier:
+        daemon = Daemon(config, notifier=notifier, dry_run=dry_run)
+        daemon.install_signal_handlers()
+        return daemon.run(once=once)

@@ -1,0 +1,172 @@
+"""Apply a plan: unload victims, load with a keep_alive pin, verify with ``/api/ps``.
+
+Each node gets at most one sequence of actions in flight, run in its own thread so nodes proceed
+in parallel and the daemon's main loop keeps polling and pinging the watchdog while a load takes
+minutes. Threads are daemon threads: a load hung on a dead node must never hold up an exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from gpu_router.ollama import OllamaClient, OllamaError
+from gpu_router.planner import Action, ActionKind
+from gpu_router.state import LoadedModel, Processor
+
+log = logging.getLogger(__name__)
+
+PIN = -1  # keep_alive as a JSON number: negative means forever; the string "-1" is a 400
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What one action did."""
+
+    action: Action
+    ok: bool
+    detail: str
+    duration_s: float
+    observed: LoadedModel | None = None  # the /api/ps entry after a load
+
+
+class Backoff:
+    """Per (model, node) failure backoff: doubling from ``base_s``, capped at ``cap_s``."""
+
+    def __init__(
+        self, base_s: float = 30.0, cap_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
+    ):
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self._clock = clock
+        self._failures: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def failed(self, model: str, node: str) -> float:
+        """Record a failure; returns the seconds until the next try."""
+        count = self._failures.get((model, node), (0, 0.0))[0] + 1
+        delay = float(min(self.cap_s, self.base_s * 2.0 ** (count - 1)))
+        self._failures[(model, node)] = (count, self._clock() + delay)
+        return delay
+
+    def succeeded(self, model: str, node: str) -> None:
+        """Forget the failures of a pair that worked."""
+        self._failures.pop((model, node), None)
+
+    def blocked(self) -> frozenset[tuple[str, str]]:
+        """Pairs that are still waiting."""
+        now = self._clock()
+        return frozenset(k for k, (_, until) in self._failures.items() if until > now)
+
+
+class Executor:
+    """Runs action sequences, one per node at a time."""
+
+    def __init__(
+        self,
+        clients: Mapping[str, OllamaClient],
+        *,
+        load_timeout_s: float,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.clients = clients
+        self.load_timeout_s = load_timeout_s
+        self._on_done = on_done
+        self._lock = threading.Lock()
+        self._threads: dict[str, threading.Thread] = {}
+        self._in_flight: dict[str, tuple[str, ...]] = {}  # node -> models its sequence loads
+        self._results: list[ActionResult] = []
+        self._stopping = threading.Event()
+
+    def busy_nodes(self) -> set[str]:
+        """Nodes with a sequence in flight."""
+        with self._lock:
+            return set(self._threads)
+
+    def loading_models(self) -> set[str]:
+        """Models that a sequence in flight is loading somewhere."""
+        with self._lock:
+            return {m for models in self._in_flight.values() for m in models}
+
+    def submit(self, node: str, actions: Sequence[Action]) -> bool:
+        """Start ``actions`` on ``node``; False when that node is busy or the executor stops."""
+        if self._stopping.is_set() or not actions:
+            return False
+        with self._lock:
+            if node in self._threads:
+                return False
+            t = threading.Thread(
+                target=self._run, args=(node, tuple(actions)), name=f"act-{node}", daemon=True
+            )
+            self._threads[node] = t
+            self._in_flight[node] = tuple(a.model for a in actions if a.kind is ActionKind.LOAD)
+        t.start()
+        return True
+
+    def collect(self) -> list[ActionResult]:
+        """Results finished since the last call."""
+        with self._lock:
+            out, self._results = self._results, []
+        return out
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait for every sequence in flight; True when none is left."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                threads = list(self._threads.values())
+            if not threads:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            threads[0].join(min(remaining, 0.2))
+
+    def stop(self, grace_s: float) -> bool:
+        """Start no new step; give steps in flight ``grace_s`` to finish. True when all did."""
+        self._stopping.set()
+        return self.wait_idle(grace_s)
+
+    def _run(self, node: str, actions: tuple[Action, ...]) -> None:
+        started = False
+        try:
+            for a in actions:
+                # A sequence not yet begun is dropped on stop; one that has unloaded something goes
+                # on to its load, so a move is never left half-way when there is time to finish it.
+                if self._stopping.is_set() and not started:
+                    log.info("node %s: stopping; %s %s not started", node, a.kind.value, a.model)
+                    return
+                started = True
+                result = self._do(node, a)
+                with self._lock:
+                    self._results.append(result)
+                if not result.ok:
+                    if a.kind is ActionKind.UNLOAD:
+                        # Without the room, the load that follows would only make Ollama evict on its own.
+                        log.warning("node %s: skipping the rest of the sequence after a failed unload", node)
+                    break
+        finally:
+            with self._lock:
+                self._threads.pop(node, None)
+                self._in_flight.pop(node, None)
+            self._on_done()
+
+    def _do(self, node: str, a: Action) -> ActionResult:
+        client = self.clients[node]
+        start = time.monotonic()
+        try:
+            if a.kind is ActionKind.UNLOAD:
+                client.unload(a.model)
+                return ActionResult(a, True, "unload requested", time.monotonic() - start)
+            client.load(a.model, embedding=a.embedding, keep_alive=PIN, timeout_s=self.load_timeout_s)
+            loaded = next((m for m in client.ps() if m.name == a.model), None)
+        except OllamaError as exc:
+            return ActionResult(a, False, exc.message, time.monotonic() - start)
+        took = time.monotonic() - start
+        if loaded is None:
+            return ActionResult(a, False, "load answered, but the model is not in /api/ps", took)
+        if loaded.processor is Processor.GPU:
+            return ActionResult(a, True, f"fully on GPU ({loaded.size_bytes / 2**30:.1f} GiB)", took, loaded)
+        return ActionResult(a, False, f"loaded as {loaded.processor_label}, not fully on GPU", took, loaded)

@@ -677,7 +677,8 @@ def _summary(fits: list[Fit]) -> str:
     counts: dict[Verdict, int] = {}
     for f in fits:
         counts[f.verdict] = counts.get(f.verdict, 0) + 1
-    return ", ".join(f"{v.value.replace('_', ' ')} on {c}" for v, c in counts.items()) or "no nodes"
+    words = (v.value.replace("_", " ").replace("gpu", "GPU").replace("vram", "VRAM") for v in counts)
+    return ", ".join(f"{w} on {c}" for w, c in zip(words, counts.values(), strict=True)) or "no nodes"
 
 
 def _cpu_decision(

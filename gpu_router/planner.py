@@ -667,7 +667,8 @@ def _cpu_or_none(state: ClusterState, model: str, fits: list[Fit]) -> Decision:
             return Decision(
                 Placement.CPU,
                 n.name,
-                f"loaded on {n.name} as {loaded.processor_label} ({split}no node can hold it fully on GPU now)",
+                f"loaded on {n.name} as {loaded.processor_label}"
+                f" ({split}no node can hold it fully on GPU now)",
                 (n.name,),
             )
     return Decision(Placement.NONE, None, f"no node can hold it on GPU: {_summary(fits)}")

@@ -40,6 +40,13 @@ log = logging.getLogger("gpu_router.cli")
 EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
 
 
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
 def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     # Sub-commands repeat the common options so they work on either side of the command name;
     # SUPPRESS keeps a sub-parser's unset option from overwriting the value given before it.
@@ -49,7 +56,11 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
     parser.add_argument("--json", action="store_true", default=d or False, help="print JSON for scripts")
     parser.add_argument(
-        "--log-level", default=d, metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: config)"
+        "--log-level",
+        default=d,
+        type=_log_level,
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default: config)",
     )
 
 

@@ -368,3 +368,12 @@ def test_demo_runs_the_report_against_the_emulated_cluster() -> None:
     assert [n["name"] for n in data["nodes"]] == ["gpu-small", "cpu-only", "gpu-8g"]
     assert all(n["status"] == "up" for n in data["nodes"])
     assert data["actions"]
+
+
+def test_a_bad_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--log-level", "loud", "demo"], out=io.StringIO())
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'loud' is not one of DEBUG, INFO, WARNING, ERROR" in err
+    assert "Traceback" not in err

@@ -62,6 +62,9 @@ class Observer:
         self._info: dict[tuple[str, str], ModelInfo] = {}
         self._info_lock = threading.Lock()
         self._last_status: dict[str, NodeStatus] = {}
+        # Asked once per node and again only after the node was unreachable (it may have been
+        # upgraded meanwhile): a third fewer requests in every idle cycle.
+        self._versions: dict[str, str] = {}
 
     def close(self) -> None:
         """Stop the workers and close every connection."""
@@ -110,8 +113,11 @@ class Observer:
             # /api/ps first: if it fails the node is down or broken and the rest is not asked.
             loaded = client.ps()
             installed = client.tags()
-            version = client.version()
+            version = self._versions.get(node.name)
+            if version is None:
+                version = self._versions[node.name] = client.version()
         except OllamaError as exc:
+            self._versions.pop(node.name, None)
             return NodeState(
                 node.name,
                 node.url,

@@ -377,3 +377,26 @@ def test_a_bad_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert "'loud' is not one of DEBUG, INFO, WARNING, ERROR" in err
     assert "Traceback" not in err
+
+
+def test_version_is_asked_once_and_again_after_the_node_was_down(tmp_path: Path) -> None:
+    with EmulatedNode("v", gpus_mib=(4096,), models=("all-minilm:latest",)) as node:
+        node.start()
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"nodes:\n  - {node.url}\nrequest_timeout: 1\nstate_dir: {tmp_path}\n")
+        obs = Observer(load_config(cfg))
+        try:
+
+            def versions() -> int:
+                return sum(1 for r in node.requests if r.path == "/api/version")
+
+            assert obs.observe().nodes[0].version == "0.12.6"
+            obs.observe()
+            assert versions() == 1
+            node.set_fault(Fault.REFUSE)
+            assert obs.observe().nodes[0].status.value == "down"
+            node.clear_fault()
+            assert obs.observe().nodes[0].version == "0.12.6"
+            assert versions() == 2
+        finally:
+            obs.close()

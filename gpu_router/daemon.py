@@ -63,6 +63,9 @@ class Daemon:
         self.store.load()
         self.backoff = Backoff(clock=clock)
         self.executor = self._new_executor()
+        # After a reload, the previous executor (and the observer whose clients it uses) stays
+        # until its sequences finish: its nodes count as busy, and its results are still read.
+        self._retiring: list[tuple[Executor, Observer]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -124,7 +127,7 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 self.notifier.watchdog()
-                self._handle_results()
+                self.collect_results()
                 if self._reload.is_set():
                     self._do_reload()
                     next_reconcile = self._clock()
@@ -134,7 +137,7 @@ class Daemon:
                     self.reconcile()
                     if once:
                         self.executor.wait_idle(self.config.load_timeout_s + 5)
-                        self._handle_results()
+                        self.collect_results()
                         break
                     now = self._clock()
                     next_reconcile = now + self.config.check_interval_s
@@ -158,18 +161,32 @@ class Daemon:
         w = self.config.watch_interval_s
         return w if w > 0 else float("inf")
 
+    def _executors(self) -> list[Executor]:
+        return [self.executor, *(e for e, _ in self._retiring)]
+
+    def busy_nodes(self) -> set[str]:
+        """Nodes with an action sequence in flight, under this config or the one before a reload."""
+        return set().union(*(e.busy_nodes() for e in self._executors()))
+
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping")
-        busy = self.executor.busy_nodes()
+        busy = self.busy_nodes()
         if busy:
             log.info("waiting up to %gs for actions in flight on %s", STOP_GRACE_S, ", ".join(sorted(busy)))
-        if not self.executor.stop(STOP_GRACE_S):
+        for e in self._executors():
+            e.begin_stop()
+        deadline = self._clock() + STOP_GRACE_S
+        for e in self._executors():
+            e.wait_idle(max(0.0, deadline - self._clock()))
+        left = self.busy_nodes()
+        if left:
             log.warning(
-                "leaving actions in flight on %s; the next start will see to them",
-                ", ".join(sorted(self.executor.busy_nodes())),
+                "leaving actions in flight on %s; the next start will see to them", ", ".join(sorted(left))
             )
-        self._handle_results()
+        self.collect_results()
         self.store.save()
+        for _, observer in self._retiring:
+            observer.close()
         self.observer.close()
         log.info("gpu-router stopped")
 
@@ -195,8 +212,8 @@ class Daemon:
             for a in p.actions:
                 log.info("would %s %s on %s (%s): %s", a.kind.value, a.model, a.node, why, a.reason)
             return 0
-        busy = self.executor.busy_nodes()
-        loading = self.executor.loading_models()
+        busy = self.busy_nodes()
+        loading = set().union(*(e.loading_models() for e in self._executors()))
         by_node: dict[str, list[Action]] = defaultdict(list)
         for a in p.actions:
             target = a.for_model or a.model
@@ -212,9 +229,18 @@ class Daemon:
                     log.info("%s %s on %s: %s", a.kind.value, a.model, node, a.reason)
         return started
 
-    def _handle_results(self) -> None:
-        for r in self.executor.collect():
-            self._log_result(r)
+    def collect_results(self) -> None:
+        """Log and learn from finished actions; close what a reload left once it is idle."""
+        for e in self._executors():
+            for r in e.collect():
+                self._log_result(r)
+        still = []
+        for e, observer in self._retiring:
+            if e.busy_nodes():
+                still.append((e, observer))
+            else:
+                observer.close()
+        self._retiring = still
 
     def _log_result(self, r: ActionResult) -> None:
         a = r.action
@@ -233,9 +259,10 @@ class Daemon:
             return
         if r.ok:
             self.backoff.succeeded(a.model, a.node)
-            self._expect.pinned.setdefault(a.node, set()).add(a.model)
-            if r.observed is not None and self.store.learn_one(a.model, r.observed.size_bytes):
-                self.store.save()
+            if r.observed is not None:  # None for a cpu_fallback load: not on GPU, nothing to watch
+                self._expect.pinned.setdefault(a.node, set()).add(a.model)
+                if self.store.learn_one(a.model, r.observed.size_bytes):
+                    self.store.save()
         else:
             delay = self.backoff.failed(a.model, a.node)
             log.warning("not trying %s on %s again for %.0fs", a.model, a.node, delay)
@@ -298,10 +325,10 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:
-            # Let sequences in flight finish against the old clients before they are closed.
-            self.executor.stop(STOP_GRACE_S)
-            self._handle_results()
-            self.observer.close()
+            # Sequences in flight finish on the old clients; nothing waits for them here.
+            self.executor.begin_stop()
+            self._retiring.append((self.executor, self.observer))
+            self.collect_results()
             self.config = new
             self.observer = self._observer_factory(new)
             self.executor = self._new_executor()

@@ -124,9 +124,13 @@ class Executor:
                 return False
             threads[0].join(min(remaining, 0.2))
 
-    def stop(self, grace_s: float) -> bool:
-        """Start no new step; give steps in flight ``grace_s`` to finish. True when all did."""
+    def begin_stop(self) -> None:
+        """Start no new sequence, and no new step of one that has not unloaded anything yet."""
         self._stopping.set()
+
+    def stop(self, grace_s: float) -> bool:
+        """Start nothing new; give steps in flight ``grace_s`` to finish. True when all did."""
+        self.begin_stop()
         return self.wait_idle(grace_s)
 
     def _run(self, node: str, actions: tuple[Action, ...]) -> None:
@@ -169,4 +173,8 @@ class Executor:
             return ActionResult(a, False, "load answered, but the model is not in /api/ps", took)
         if loaded.processor is Processor.GPU:
             return ActionResult(a, True, f"fully on GPU ({loaded.size_bytes / 2**30:.1f} GiB)", took, loaded)
+        if a.on_cpu:
+            # A cpu_fallback load: CPU is where it was meant to go. No ``observed``: a size on
+            # CPU is not the VRAM the model needs, so nothing is learned or watched.
+            return ActionResult(a, True, f"loaded as {loaded.processor_label} (cpu_fallback)", took)
         return ActionResult(a, False, f"loaded as {loaded.processor_label}, not fully on GPU", took, loaded)

@@ -175,6 +175,7 @@ class Action:
     for_model: str = ""  # the priority model an unload makes room for
     gpus: tuple[int, ...] = ()  # GPU indices a load was planned onto
     need_bytes: int = 0  # VRAM a load was planned to take
+    on_cpu: bool = False  # a cpu_fallback load: CPU is where it is meant to go
 
 
 @dataclass(frozen=True)
@@ -436,7 +437,7 @@ def _plan(
             note = "" if len(chosen) >= wanted else f"; only {len(chosen)} of {wanted} replicas fit on GPU"
             decision = Decision(Placement.GPU, chosen[0], "; ".join(reasons) + note, tuple(chosen))
         else:
-            decision = _cpu_decision(state, name, fits, pm, config, need, embedding, actions)
+            decision = _cpu_decision(state, name, fits, config, embedding, backoff, actions)
         plans.append(ModelPlan(name, True, need, tuple(fits), decision, wanted, len(resident)))
     return Plan(caps, tuple(plans), tuple(_order(actions)))
 
@@ -686,24 +687,23 @@ def _cpu_decision(
     state: ClusterState,
     model: str,
     fits: list[Fit],
-    pm: PriorityModel,
     config: Config,
-    need: SizeEstimate,
     embedding: bool,
+    backoff: Collection[tuple[str, str]],
     actions: list[Action],
 ) -> Decision:
     current = _cpu_or_none(state, model, fits)
     if current.placement is not Placement.NONE or not config.cpu_fallback:
         return current
+    reason = "cpu_fallback: no GPU room anywhere"
     for f in fits:
         node = state.node(f.node)
-        if f.verdict is Verdict.NO_GPU and node is not None and node.installed_model(model) is not None:
-            actions.append(
-                Action(ActionKind.LOAD, f.node, model, "cpu_fallback: no GPU room anywhere", embedding)
-            )
-            return Decision(
-                Placement.CPU, f.node, f"cpu_fallback: no GPU room anywhere ({_summary(fits)})", (f.node,)
-            )
+        if f.verdict is not Verdict.NO_GPU or node is None or node.installed_model(model) is None:
+            continue
+        if (model, f.node) in backoff:
+            continue
+        actions.append(Action(ActionKind.LOAD, f.node, model, reason, embedding, on_cpu=True))
+        return Decision(Placement.CPU, f.node, f"{reason} ({_summary(fits)})", (f.node,))
     return current
 
 

@@ -20,6 +20,9 @@ import yaml
 from gpu_router.emulator import EmulatedNode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Builds, starts and registers an emulated node; the make_node fixture (conftest.py) stops them all.
+MakeNode = Callable[..., EmulatedNode]
+
 WAIT_S = 15.0  # generous: only there so a broken daemon fails the test instead of hanging it
 
 

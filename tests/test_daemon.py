@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from daemon_helpers import (
     WAIT_S,
+    MakeNode,
     expires_year,
     fully_on_gpu,
     load_requests,
@@ -31,7 +32,6 @@ from gpu_router.emulator import EmulatedNode, Fault
 from gpu_router.executor import Backoff
 from gpu_router.systemd import Notifier
 
-MakeNode = Callable[..., EmulatedNode]
 MakeDaemon = Callable[..., Daemon]
 
 LLAMA32 = "llama3.2:latest"  # 3.1 GiB on GPU at the default context
@@ -51,24 +51,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now_s += seconds
-
-
-@pytest.fixture
-def make_node() -> Iterator[MakeNode]:
-    """Start emulated nodes (with a dcgm-exporter endpoint) and stop them all at the end."""
-    nodes: list[EmulatedNode] = []
-
-    def make(
-        name: str, gpus_mib: tuple[int, ...] = (8192,), models: tuple[str, ...] = (), **kw: Any
-    ) -> EmulatedNode:
-        node = EmulatedNode(name, gpus_mib, models, metrics=bool(gpus_mib), **kw)
-        nodes.append(node)
-        node.start()
-        return node
-
-    yield make
-    for n in nodes:
-        n.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 from daemon_helpers import (
     WAIT_S,
     Datagram,
+    MakeNode,
     NotifyListener,
     daemon_env,
     kill,
@@ -30,9 +31,7 @@ from daemon_helpers import (
     write_config,
 )
 
-from gpu_router.emulator import EmulatedNode, Fault
-
-MakeNode = Callable[..., EmulatedNode]
+from gpu_router.emulator import Fault
 
 LLAMA32 = "llama3.2:latest"
 EMBED = "nomic-embed-text:latest"
@@ -41,24 +40,6 @@ STOP_WAIT_S = 10.0  # a stop must fit well inside the unit's TimeoutStopSec
 
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 _JOURNAL_LINE = re.compile(r"^<[0-7]>")
-
-
-@pytest.fixture
-def make_node() -> Iterator[MakeNode]:
-    """Start emulated nodes (with a dcgm-exporter endpoint) and stop them all at the end."""
-    nodes: list[EmulatedNode] = []
-
-    def make(
-        name: str, gpus_mib: tuple[int, ...] = (8192,), models: tuple[str, ...] = (), **kw: Any
-    ) -> EmulatedNode:
-        node = EmulatedNode(name, gpus_mib, models, metrics=bool(gpus_mib), **kw)
-        nodes.append(node)
-        node.start()
-        return node
-
-    yield make
-    for n in nodes:
-        n.stop()
 
 
 @pytest.fixture

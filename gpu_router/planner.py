@@ -442,9 +442,11 @@ def _plan(
     return Plan(caps, tuple(plans), tuple(_order(actions)))
 
 
-@dataclass(frozen=True)
-class _View:
-    """Per-node facts that do not change while one pass plans every model."""
+class _View(NamedTuple):
+    """Per-node facts that do not change while one pass plans every model.
+
+    A NamedTuple so the hot loop can unpack it in its ``for`` header.
+    """
 
     name: str
     up: bool
@@ -515,24 +517,35 @@ def _judge(
     frozen = room.frozen
     gpu, fits_v, no_room = Processor.GPU, Verdict.FITS, Verdict.NO_ROOM
     new = tuple.__new__  # skips NamedTuple's keyword-handling constructor: every field is given
-    for v in views:
-        name = v.name
-        if not v.up:
-            add(v.down)
+    for (
+        name,
+        up,
+        max_usable,
+        sum_usable,
+        n_gpus,
+        loaded_map,
+        installed,
+        down,
+        not_allowed,
+        not_installed,
+        no_gpu,
+    ) in views:
+        if not up:
+            add(down)
             continue
         if allowed is not None and name not in allowed:
-            add(v.not_allowed)
+            add(not_allowed)
             continue
-        loaded = v.loaded.get(model)
+        loaded = loaded_map.get(model)
         if loaded is not None and loaded.processor is gpu and model not in evicted.get(name, ()):
             add(Fit(name, Verdict.RESIDENT, (), (), None, None, loaded.vram_bytes))
             resident.append(name)
             continue
-        if loaded is None and model not in v.installed:
-            add(v.not_installed)
+        if loaded is None and model not in installed:
+            add(not_installed)
             continue
-        if v.no_gpu is not None:
-            add(v.no_gpu)
+        if no_gpu is not None:
+            add(no_gpu)
             continue
         if need is None:
             add(Fit(name, Verdict.SIZE_UNKNOWN))
@@ -540,9 +553,9 @@ def _judge(
         if backoff and (model, name) in backoff:
             add(Fit(name, Verdict.BACKOFF))
             continue
-        if v.max_usable < need and (v.n_gpus < 2 or v.sum_usable < span_need(need, v.n_gpus)):
-            span = v.sum_usable if v.n_gpus > 1 else None
-            add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, v.max_usable, span))
+        if max_usable < need and (n_gpus < 2 or sum_usable < span_need(need, n_gpus)):
+            span = sum_usable if n_gpus > 1 else None
+            add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, max_usable, span))
             continue
         # A copy of this model already there (partly on CPU) gives its VRAM back on reload.
         returned = loaded.vram_bytes if loaded is not None else 0

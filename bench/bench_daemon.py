@@ -88,19 +88,14 @@ def build_cluster(count: int, metrics: bool) -> EmulatedCluster:
 
 
 def write_config(cluster: EmulatedCluster, path: Path, interval: str, state_dir: str) -> None:
-    nodes: list[dict[str, Any]] = []
-    for n in cluster:
-        gpu: Any = {"exporter": n.metrics_url} if n.metrics else {"vram_mb": list(n.gpus_mib)}
-        nodes.append({"name": n.name, "url": n.url, "gpu": gpu})
-    cfg = {
-        "nodes": nodes,
-        "priority_models": list(PRIORITY),
-        "check_interval": interval,
-        "watch_interval": 0,
-        "request_timeout": 2,
-        "state_dir": state_dir,
-        "log_level": "INFO",
-    }
+    cfg = cluster.config(
+        PRIORITY,
+        check_interval=interval,
+        watch_interval=0,
+        request_timeout=2,
+        state_dir=state_dir,
+        log_level="INFO",
+    )
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
 
 

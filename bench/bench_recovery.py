@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import yaml
 
@@ -46,16 +46,15 @@ def build_cluster(load_delay_s: float) -> EmulatedCluster:
 
 
 def write_config(cluster: EmulatedCluster, path: Path, watch_s: float, state_dir: str) -> None:
-    cfg: dict[str, Any] = {
-        "nodes": [{"name": n.name, "url": n.url, "gpu": {"exporter": n.metrics_url}} for n in cluster],
-        "priority_models": list(PRIORITY),
-        "check_interval": 300,
-        "watch_interval": watch_s,
-        "request_timeout": 2,
-        "load_timeout": 60,
-        "state_dir": state_dir,
-        "log_level": "INFO",
-    }
+    cfg = cluster.config(
+        PRIORITY,
+        check_interval=300,
+        watch_interval=watch_s,
+        request_timeout=2,
+        load_timeout=60,
+        state_dir=state_dir,
+        log_level="INFO",
+    )
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
 
 

@@ -54,17 +54,7 @@ def build_cluster(count: int) -> EmulatedCluster:
 
 
 def write_config(cluster: EmulatedCluster, path: Path, timeout_s: float, state_dir: str) -> None:
-    nodes: list[dict[str, Any]] = []
-    for n in cluster:
-        gpu: Any = {"exporter": n.metrics_url} if n.metrics else {"vram_mb": list(n.gpus_mib)}
-        nodes.append({"name": n.name, "url": n.url, "gpu": gpu})
-    cfg = {
-        "nodes": nodes,
-        "priority_models": list(PRIORITY),
-        "request_timeout": timeout_s,
-        "state_dir": state_dir,
-        "log_level": "WARNING",
-    }
+    cfg = cluster.config(PRIORITY, request_timeout=timeout_s, state_dir=state_dir, log_level="WARNING")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
 
 

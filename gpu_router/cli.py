@@ -133,8 +133,12 @@ def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _find_model(data: Json, model: str) -> Json | None:
+    """The report's entry for ``model``, or None after saying so on stderr."""
     name = normalize_model_name(model)
-    return next((m for m in data["models"] if m["model"] == name), None)
+    found = next((m for m in data["models"] if m["model"] == name), None)
+    if found is None:
+        print(f"gpu-router: model {name!r} is not installed on any node that is up", file=sys.stderr)
+    return found
 
 
 def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -142,10 +146,6 @@ def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     data = _report(config)
     m = _find_model(data, args.model)
     if m is None:
-        print(
-            f"gpu-router: model {normalize_model_name(args.model)!r} is not installed on any node that is up",
-            file=sys.stderr,
-        )
         return EX_FAIL
     d = m["decision"]
     rows = tuple((f["node"], "yes" if f["fits"] else "no", f["verdict"], f["reason"]) for f in m["fits"])
@@ -165,10 +165,6 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     data = _report(config)
     m = _find_model(data, args.model)
     if m is None:
-        print(
-            f"gpu-router: model {normalize_model_name(args.model)!r} is not installed on any node that is up",
-            file=sys.stderr,
-        )
         return EX_FAIL
     nodes = {n["name"]: n for n in data["nodes"]}
     rows = []

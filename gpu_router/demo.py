@@ -5,54 +5,28 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
-from gpu_router.config import Config, GpuSpec, NodeConfig, PriorityModel
+import yaml
+
+from gpu_router.config import Config, parse_config
 from gpu_router.emulator import EmulatedCluster, demo_cluster
 from gpu_router.observe import observe_once
 from gpu_router.planner import plan
 from gpu_router.report import build_report, render, report_tables, summary_line, write_json
-from gpu_router.state import MIB
 
 DEMO_PRIORITY = ("nomic-embed-text:latest", "llama3.2:latest")
 
 
+def demo_settings(cluster: EmulatedCluster) -> dict[str, Any]:
+    """The demo's config as data: what a user would save as YAML to point gpu-router at it."""
+    return cluster.config(DEMO_PRIORITY, request_timeout=2)
+
+
 def demo_config(cluster: EmulatedCluster) -> Config:
-    """A config that points at a started emulated cluster."""
-    nodes = []
-    for n in cluster.nodes:
-        if not n.gpus_mib:
-            gpu = GpuSpec("none")
-        elif n.metrics:
-            gpu = GpuSpec("exporter", exporter_url=n.metrics_url)
-        else:
-            gpu = GpuSpec("static", vram_bytes=tuple(m * MIB for m in n.gpus_mib))
-        nodes.append(NodeConfig(name=n.name, url=n.url, gpu=gpu))
-    return Config(
-        nodes=tuple(nodes),
-        priority_models=tuple(PriorityModel(m) for m in DEMO_PRIORITY),
-        request_timeout_s=2.0,
-        path="<demo>",
-        state_dir="/nonexistent/gpu-router-demo",  # the demo learns nothing and writes nothing
-    )
-
-
-def config_yaml(config: Config) -> str:
-    """The demo config as YAML a user can save and pass to --config."""
-    lines = ["nodes:"]
-    for n in config.nodes:
-        lines.append(f"  - url: {n.url}")
-        lines.append(f"    name: {n.name}")
-        if n.gpu.kind == "none":
-            lines.append("    gpu: none")
-        elif n.gpu.kind == "exporter":
-            lines.append(f"    gpu: {{exporter: {n.gpu.exporter_url}}}")
-        elif n.gpu.kind == "static":
-            lines.append(f"    gpu: {{vram_mb: {[b // MIB for b in n.gpu.vram_bytes]}}}")
-    lines.append("priority_models:")
-    lines += [f"  - {p.name}" for p in config.priority_models]
-    lines.append("request_timeout: 2")
-    return "\n".join(lines) + "\n"
+    """A validated config for a started emulated cluster; the demo learns and writes nothing."""
+    text = yaml.safe_dump({**demo_settings(cluster), "state_dir": "/nonexistent/gpu-router-demo"})
+    return parse_config(text, "<demo>")
 
 
 def run_demo(*, serve: bool, as_json: bool, out: TextIO, rich: bool) -> int:
@@ -70,7 +44,7 @@ def run_demo(*, serve: bool, as_json: bool, out: TextIO, rich: bool) -> int:
                 "\nThe emulated cluster is running. Save this as demo.yaml and try\n"
                 "  gpu-router --config demo.yaml --report-only   or   gpu-router --config demo.yaml\n\n"
             )
-            out.write(config_yaml(config))
+            out.write(yaml.safe_dump(demo_settings(cluster), sort_keys=False))
             out.write("\nCtrl-C stops it.\n")
             out.flush()
             stop = threading.Event()

@@ -33,7 +33,6 @@ from gpu_router.emulator import (
     parse_go_duration,
     parse_keep_alive,
 )
-from gpu_router.emulator.__main__ import cluster_config
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -908,7 +907,7 @@ def test_demo_cluster() -> None:
         assert "nomic-embed-text:latest" in [m.name for m in small.installed()]
         assert "nomic-embed-text:latest" in [m.name for m in big.installed()]
         assert requests.get(big.metrics_url, timeout=T).status_code == 200
-        config = cluster_config(cluster, ["nomic-embed-text:latest"])
+        config = cluster.config(["nomic-embed-text:latest"])
         gpu_by_name = {n["name"]: n["gpu"] for n in config["nodes"]}
         assert gpu_by_name["cpu-only"] == "none"
         assert gpu_by_name["gpu-8g"] == {"exporter": big.metrics_url}

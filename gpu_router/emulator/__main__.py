@@ -50,21 +50,6 @@ def load_test_cluster(
     return EmulatedCluster(nodes)
 
 
-def cluster_config(cluster: EmulatedCluster, priority_models: Sequence[str]) -> dict[str, Any]:
-    """A gpu-router config (as a dict) pointing at the started ``cluster``."""
-    nodes: list[dict[str, Any]] = []
-    for n in cluster:
-        entry: dict[str, Any] = {"name": n.name, "url": n.url}
-        if not n.gpus_mib:
-            entry["gpu"] = "none"
-        elif n.metrics:
-            entry["gpu"] = {"exporter": n.metrics_url}
-        else:
-            entry["gpu"] = {"vram_mb": list(n.gpus_mib)}
-        nodes.append(entry)
-    return {"nodes": nodes, "priority_models": list(priority_models)}
-
-
 def write_config(path: str, config: dict[str, Any]) -> None:
     """Write ``config`` as YAML atomically (temp file + rename)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -131,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{n.name} {n.url} gpus={gpus}{metrics}", flush=True)
         if args.write_config:
             try:
-                write_config(args.write_config, cluster_config(cluster, priority))
+                write_config(args.write_config, cluster.config(priority))
             except OSError as exc:
                 print(f"error: cannot write {args.write_config}: {exc}", file=sys.stderr)
                 return 1

@@ -1523,6 +1523,24 @@ class EmulatedCluster:
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def config(self, priority_models: Sequence[str] = (), **settings: object) -> dict[str, Any]:
+        """A gpu-router config (as a dict, ready for YAML) pointing at this cluster's nodes.
+
+        GPU nodes are read from their /metrics when they serve one, else given as static figures;
+        ``settings`` are further top-level keys (request_timeout, state_dir, ...).
+        """
+        nodes: list[dict[str, Any]] = []
+        for n in self.nodes:
+            entry: dict[str, Any] = {"name": n.name, "url": n.url}
+            if not n.gpus_mib:
+                entry["gpu"] = "none"
+            elif n.metrics:
+                entry["gpu"] = {"exporter": n.metrics_url}
+            else:
+                entry["gpu"] = {"vram_mb": list(n.gpus_mib)}
+            nodes.append(entry)
+        return {"nodes": nodes, "priority_models": list(priority_models), **settings}
+
     def start(self) -> list[str]:
         """Start every node; returns their URLs in order. Stops the started ones if one fails."""
         urls: list[str] = []

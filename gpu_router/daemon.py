@@ -124,6 +124,7 @@ class Daemon:
         )
         next_reconcile = self._clock()
         next_watch = next_reconcile + self._watch_interval()
+        rc = 0
         try:
             while not self._stop.is_set():
                 self.notifier.watchdog()
@@ -134,10 +135,11 @@ class Daemon:
                 now = self._clock()
                 if now >= next_reconcile or self._reconcile_now.is_set():
                     self._reconcile_now.clear()
-                    self.reconcile()
+                    ok = self._guarded_reconcile()
                     if once:
                         self.executor.wait_idle(self.config.load_timeout_s + 5)
                         self.collect_results()
+                        rc = 0 if ok else 1
                         break
                     now = self._clock()
                     next_reconcile = now + self.config.check_interval_s
@@ -155,7 +157,7 @@ class Daemon:
                 self._wake.clear()
         finally:
             self._shutdown()
-        return 0
+        return rc
 
     def _watch_interval(self) -> float:
         w = self.config.watch_interval_s
@@ -189,6 +191,18 @@ class Daemon:
             observer.close()
         self.observer.close()
         log.info("gpu-router stopped")
+
+    def _guarded_reconcile(self) -> bool:
+        # Node faults never raise out of a reconcile; anything that does is a bug. Log it with its
+        # traceback and say so in STATUS, but keep the service (and the pins it holds) running.
+        try:
+            self.reconcile()
+        except Exception as exc:
+            log.exception("reconcile #%d failed; trying again next cycle", self.reconciles)
+            self._status = f"reconcile #{self.reconciles} failed: {exc.__class__.__name__}: {exc}"
+            self.notifier.status(self._status)
+            return False
+        return True
 
     def reconcile(self) -> Plan:
         """One observe -> plan -> act pass."""

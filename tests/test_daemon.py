@@ -526,3 +526,31 @@ def test_replicas_go_to_distinct_gpu_nodes(
     assert len(holders) == 2, f"on {holders}"
     assert sum(len(load_requests(n, LLAMA32)) for n in nodes) == 2
     assert "reconcile #3: 1/1 priority models on GPU" in caplog.text
+
+
+def test_an_unexpected_error_in_a_reconcile_is_logged_and_the_loop_goes_on(
+    make_node: MakeNode, make_daemon: MakeDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = make_node("gpu-a", models=(LLAMA32,))
+    daemon = make_daemon([a], [LLAMA32], check_interval="0.05s", watch_interval=0)
+    real = daemon.observer.observe
+    calls = {"n": 0}
+
+    def flaky() -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug, not a node fault")
+        return real()
+
+    daemon.observer.observe = flaky  # type: ignore[method-assign]
+    loop = threading.Thread(target=daemon.run, name="daemon-loop", daemon=True)
+    with caplog.at_level(logging.INFO, logger="gpu_router"):
+        loop.start()
+        try:
+            wait_until(lambda: pinned_on_gpu(a, LLAMA32), what="the load after the failed cycle")
+        finally:
+            daemon.request_stop()
+            loop.join(WAIT_S)
+    assert not loop.is_alive()
+    assert "reconcile #1 failed; trying again next cycle" in caplog.text
+    assert "RuntimeError: a bug, not a node fault" in caplog.text

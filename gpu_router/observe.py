@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -190,12 +190,3 @@ def observe_once(config: Config, **kwargs: object) -> ClusterState:
         return observer.observe()
     finally:
         observer.close()
-
-
-def info_by_name(state: ClusterState) -> Mapping[str, ModelInfo]:
-    """Every model's metadata, from whichever node reported it."""
-    out: dict[str, ModelInfo] = {}
-    for n in state.nodes:
-        for name, info in n.info.items():
-            out.setdefault(name, info)
-    return out

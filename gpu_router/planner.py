@@ -386,7 +386,7 @@ def _plan(
         resident = judged.resident
         chosen = list(resident)
         reasons = [f"already on GPU on {n}" for n in resident]
-        info = next((n.info[name] for n in state.nodes if name in n.info), None)
+        info = state.model_info(name)
         embedding = info.embedding_only if info else False
         if need.need_bytes is not None:
             # New copies: fit now first, best fit; then room made by policy.

@@ -40,7 +40,7 @@ def _model_json(m: ModelPlan, state: ClusterState) -> Json:
         inst = n.installed_model(m.model)
         if inst is not None:
             installed[n.name] = inst.size_bytes
-    info = next((n.info[m.model] for n in state.nodes if m.model in n.info), None)
+    info = state.model_info(m.model)
     out: Json = {
         "model": m.model,
         "priority": m.priority,

@@ -125,7 +125,7 @@ class SizeIndex:
     def __init__(self, state: ClusterState) -> None:
         self.observed: dict[str, tuple[int, str]] = {}  # largest size fully on GPU, and where
         self.file_bytes: dict[str, int] = {}
-        self.info: dict[str, ModelInfo] = {}
+        self._state = state
         for node in state.nodes:
             if not node.up:
                 continue
@@ -136,8 +136,6 @@ class SizeIndex:
             for inst in node.installed:
                 if inst.size_bytes > self.file_bytes.get(inst.name, 0):
                     self.file_bytes[inst.name] = inst.size_bytes
-            for name, info in node.info.items():
-                self.info.setdefault(name, info)
 
     def need(
         self, model: str, default_num_ctx: int, learned: Mapping[str, int] | None = None
@@ -148,7 +146,7 @@ class SizeIndex:
             return SizeEstimate(seen[0], SizeSource.OBSERVED, f"/api/ps on {seen[1]}, fully on GPU")
         if learned and learned.get(model):
             return SizeEstimate(learned[model], SizeSource.OBSERVED, "learned from an earlier /api/ps")
-        return estimate(self.info.get(model), self.file_bytes.get(model), default_num_ctx)
+        return estimate(self._state.model_info(model), self.file_bytes.get(model), default_num_ctx)
 
 
 def model_need(

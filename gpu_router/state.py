@@ -202,3 +202,15 @@ class ClusterState:
     def node(self, name: str) -> NodeState | None:
         """The node called ``name``."""
         return self._by_name.get(name)
+
+    @cached_property
+    def _info_by_name(self) -> dict[str, ModelInfo]:
+        out: dict[str, ModelInfo] = {}
+        for n in self.nodes:
+            for name, info in n.info.items():
+                out.setdefault(name, info)
+        return out
+
+    def model_info(self, name: str) -> ModelInfo | None:
+        """A model's ``/api/show`` metadata, from the first node that reported it."""
+        return self._info_by_name.get(name)

@@ -62,11 +62,11 @@ class Daemon:
         self.store = store or store_for(config)
         self.store.load()
         self.backoff = Backoff(clock=clock)
+        self._wake = threading.Event()
         self.executor = self._new_executor()
         # After a reload, the previous executor (and the observer whose clients it uses) stays
         # until its sequences finish: its nodes count as busy, and its results are still read.
         self._retiring: list[tuple[Executor, Observer]] = []
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reconcile_now = threading.Event()
@@ -101,11 +101,8 @@ class Daemon:
 
     def _new_executor(self) -> Executor:
         return Executor(
-            self.observer.clients, load_timeout_s=self.config.load_timeout_s, on_done=self._wake_up
+            self.observer.clients, load_timeout_s=self.config.load_timeout_s, on_done=self._wake.set
         )
-
-    def _wake_up(self) -> None:
-        self._wake.set()
 
     # The loop.
 

@@ -622,8 +622,8 @@ def _make_room(
     if config.evict == "never":
         return None
     best: tuple[tuple[int, int, int], str, tuple[int, ...], list[str], int] | None = None
-    order = {n.name: i for i, n in enumerate(state.nodes)}
-    for f in fits:
+    protected = set(priority) | {model}
+    for i, f in enumerate(fits):  # fits are in node order: i breaks ties like config order
         if f.verdict is not Verdict.NO_ROOM or f.node in chosen:
             continue
         node = state.node(f.node)
@@ -631,8 +631,7 @@ def _make_room(
         own = node.loaded_model(model)
         returned = own.vram_bytes if own is not None else 0
         victims = [model] if own is not None else []
-        already = evicted.get(f.node, set())
-        for v in _victims(node, set(priority) | already | {model}, config.evict, state.observed_at):
+        for v in _victims(node, protected | evicted.get(f.node, set()), config.evict, state.observed_at):
             if room.place(f.node, need, returned) is not None:
                 break
             victims.append(v.name)
@@ -640,7 +639,7 @@ def _make_room(
         spot = room.place(f.node, need, returned)
         if spot is None:
             continue
-        key = (returned, len(victims), order[f.node])
+        key = (returned, len(victims), i)
         if best is None or key < best[0]:
             best = (key, f.node, spot[0], victims, returned)
     if best is None:

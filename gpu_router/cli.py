@@ -254,6 +254,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 f" {len(config.priority_models)} priority models)",
                 file=out,
             )
+            for where in config.unused_env():
+                print(f"{config.path}: {where} is not used for sizing (accepted, ignored)", file=out)
             return EX_OK
         commands = {"route": cmd_route, "check": cmd_check, "models": cmd_models}
         if args.command in commands:

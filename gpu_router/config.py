@@ -7,8 +7,8 @@ the file, the line and the key path (``nodes[1].url``). Nothing here logs or pri
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import pathlib
@@ -24,6 +24,17 @@ from yaml.constructor import SafeConstructor
 
 GpuKind = Literal["auto", "nvml", "exporter", "static", "none"]
 EvictPolicy = Literal["never", "idle", "any"]
+
+OLLAMA_SIZING_NAMES = (
+    "OLLAMA_CONTEXT_LENGTH",
+    "OLLAMA_NUM_PARALLEL",
+    "OLLAMA_KV_CACHE_TYPE",
+    "OLLAMA_FLASH_ATTENTION",
+    "OLLAMA_GPU_OVERHEAD",
+    "OLLAMA_MAX_LOADED_MODELS",
+    "OLLAMA_SCHED_SPREAD",
+)
+"""The OLLAMA_* settings that change how much VRAM a model needs."""
 
 EX_CONFIG = 78  # sysexits.h: a configuration error; systemd must not restart-loop on it
 
@@ -51,6 +62,14 @@ class GpuSpec:
     vram_bytes: tuple[int, ...] = ()  # kind == "static": one total per GPU
 
 
+EnvValue = str | int | float | bool
+"""An ``OLLAMA_*`` value as written in YAML; Ollama itself reads them all as strings."""
+
+
+def _no_env() -> Mapping[str, EnvValue]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """One Ollama server. Its ``repr`` shows header names only, never their values."""
@@ -60,12 +79,17 @@ class NodeConfig:
     gpu: GpuSpec = GpuSpec()
     # Sent with every request to this node; never logged or printed. hash=False keeps the node hashable.
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    # The node's own OLLAMA_* settings, as written under nodes[].ollama_env (not merged with the top level).
+    ollama_env: Mapping[str, EnvValue] = field(default_factory=_no_env, hash=False)
+    ca_file: str | None = None  # CA bundle for an https:// node and its exporter
+    tls_verify: bool = True
 
     def __repr__(self) -> str:
         hidden = ", ".join(self.headers)
         return (
             f"NodeConfig(name={self.name!r}, url={self.url!r}, gpu={self.gpu!r}, "
-            f"headers=<{len(self.headers)} hidden{': ' + hidden if hidden else ''}>)"
+            f"headers=<{len(self.headers)} hidden{': ' + hidden if hidden else ''}>, "
+            f"ollama_env={dict(self.ollama_env)!r}, ca_file={self.ca_file!r}, tls_verify={self.tls_verify!r})"
         )
 
 
@@ -76,6 +100,8 @@ class PriorityModel:
     name: str  # normalised: a tag is always present ("x" -> "x:latest")
     replicas: int | Literal["all"] = 1
     nodes: tuple[str, ...] = ()  # node names allowed to hold it; empty = any
+    num_ctx: int | None = None  # load (and size) it at this context; sent as options.num_ctx
+    pull: bool | None = None  # pull it where it is missing; None = the top-level pull_missing
 
 
 @dataclass(frozen=True)
@@ -91,12 +117,38 @@ class Config:
     auto_optimize: bool = True
     request_timeout_s: float = 5.0
     load_timeout_s: float = 300.0
-    num_ctx: int = 4096
     log_level: str = "INFO"
     evict: EvictPolicy = "idle"
     cpu_fallback: bool = False
     state_dir: str | None = None
+    # OLLAMA_* settings every node runs with unless its own ollama_env says otherwise.
+    ollama_env: Mapping[str, EnvValue] = field(default_factory=_no_env, hash=False)
+    listen: str | None = None  # "host:port" of the metrics/status listener; None = no listener
+    api_token: str | None = field(default=None, repr=False)  # never printed
+    down_after: int = 2  # consecutive failed polls before a node counts as down
+    pull_missing: bool = False
+    max_concurrent_pulls: int = 1
+    pull_timeout_s: float = 3600.0
     path: str = ""  # the file it came from, for messages
+
+    def node_env(self, node: NodeConfig) -> Mapping[str, EnvValue]:
+        """The OLLAMA_* settings of one node: the top-level ones, overridden key by key by the node's."""
+        if not node.ollama_env:
+            return self.ollama_env
+        return MappingProxyType({**self.ollama_env, **node.ollama_env})
+
+    def unused_env(self) -> list[str]:
+        """``where: NAME`` for every OLLAMA_* setting that sizing does not use, for --check-config."""
+        out = [f"ollama_env: {k}" for k in self.ollama_env if k not in OLLAMA_SIZING_NAMES]
+        for node in self.nodes:
+            out += [
+                f"nodes[{node.name}].ollama_env: {k}" for k in node.ollama_env if k not in OLLAMA_SIZING_NAMES
+            ]
+        return out
+
+    def wants_pull(self, model: PriorityModel) -> bool:
+        """Whether a missing priority model may be pulled onto a node that would fit it."""
+        return self.pull_missing if model.pull is None else model.pull
 
 
 def normalize_model_name(name: str) -> str:
@@ -176,25 +228,19 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _VAR_REF = re.compile(r"\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-_TOP_KEYS = (
-    "nodes",
-    "priority_models",
-    "check_interval",
-    "watch_interval",
-    "vram_safety_margin",
-    "vram_reserve_mb",
-    "auto_optimize",
-    "request_timeout",
-    "load_timeout",
-    "num_ctx",
-    "evict",
-    "cpu_fallback",
-    "state_dir",
-    "log_level",
-)
-_NODE_KEYS = ("url", "name", "gpu", "headers")
+_NODE_KEYS = ("url", "name", "gpu", "headers", "ollama_env", "ca_file", "tls_verify")
 _GPU_KEYS = ("exporter", "vram_mb")
-_MODEL_KEYS = ("name", "replicas", "nodes")
+_MODEL_KEYS = ("name", "replicas", "nodes", "num_ctx", "pull")
+# Keys that once existed: a config that still has one gets told what replaced it, not "unknown key".
+_REMOVED_KEYS = {
+    "num_ctx": (
+        "no longer a setting: the context is what each node's Ollama uses. Write it as Ollama's own "
+        "variable, ollama_env: {OLLAMA_CONTEXT_LENGTH: N} (top level or per node), or per model as "
+        "priority_models[].num_ctx"
+    ),
+}
+_ENV_PREFIX = "OLLAMA_"
+_ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 _Pairs = dict[str, tuple[yaml.Node, yaml.Node]]
 
@@ -347,7 +393,14 @@ class _Walker:
                 self.fail(k, key, f"keys must be strings, got {self.describe(k)}")
             name = str(k.value)
             if allowed is not None and name not in allowed:
-                hint = _did_you_mean(name, allowed) or f" (expected one of: {', '.join(allowed)})"
+                hint = _did_you_mean(name, allowed)
+                if not hint:
+                    listed = [a for a in allowed if a not in _REMOVED_KEYS]
+                    hint = (
+                        f" (expected one of: {', '.join(listed)})"
+                        if len(listed) <= 8
+                        else " (config/config.yaml lists every setting with its default)"
+                    )
                 self.fail(k, _join(key, name), f"unknown key{hint}")
             pairs[name] = (k, v)
         return pairs
@@ -467,7 +520,11 @@ class _Walker:
                 "",
                 f"the top level must be a mapping of settings (key: value), got {self.describe(root)}",
             )
-        pairs = self.mapping(root, "", "a mapping", _TOP_KEYS)
+        known = ("nodes", "priority_models", "ollama_env", *_SETTINGS, *_REMOVED_KEYS)
+        pairs = self.mapping(root, "", "a mapping", known)
+        for name, message in _REMOVED_KEYS.items():
+            if name in pairs:
+                self.fail(pairs[name][0], name, message)
         if "nodes" not in pairs:
             self.fail(
                 root,
@@ -478,76 +535,118 @@ class _Walker:
         models: tuple[PriorityModel, ...] = ()
         if "priority_models" in pairs:
             models = self.priority_models(pairs["priority_models"][1], nodes)
-
-        defaults = Config(nodes=nodes)
         values: dict[str, Any] = {}  # Config field -> validated value
-
-        def get(name: str) -> yaml.Node | None:
+        if "ollama_env" in pairs:
+            values["ollama_env"] = self.ollama_env(pairs["ollama_env"][1], "ollama_env")
+        for name, setting in _SETTINGS.items():
             if name not in pairs:
-                return None
-            value = pairs[name][1]
-            if isinstance(value, yaml.ScalarNode) and value.tag == _NULL and name != "state_dir":
-                self.fail(value, name, "missing value (remove the key to use the default)")
-            return value
+                continue
+            node = pairs[name][1]
+            if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+                if not setting.nullable:
+                    self.fail(node, name, "missing value (remove the key to use the default)")
+                values[setting.attr] = None
+                continue
+            values[setting.attr] = setting.read(self, node, name)
+        listen = values.get("listen")
+        if listen is not None and not values.get("api_token") and not is_loopback_listen(listen):
+            self.fail(
+                pairs["listen"][1],
+                "listen",
+                f"{listen} is reachable from other hosts: set api_token"
+                " (e.g. api_token: ${GPU_ROUTER_TOKEN}) or listen on 127.0.0.1",
+            )
+        return Config(nodes=nodes, priority_models=models, path=self.path, **values)
 
-        for name, attr, minimum, zero_ok in (
-            ("check_interval", "check_interval_s", 0.0, False),
-            ("watch_interval", "watch_interval_s", 0.0, True),
-            ("request_timeout", "request_timeout_s", 0.0, False),
-            ("load_timeout", "load_timeout_s", 0.0, False),
-        ):
-            node = get(name)
-            if node is not None:
-                seconds = self.duration(node, name)
-                if seconds < minimum or (seconds == minimum and not zero_ok):
-                    rule = ">= 0 (0 = off)" if zero_ok else "> 0"
-                    self.fail(node, name, f"must be {rule}, got {node.value}")
-                values[attr] = float(seconds)
+    # ----------------------------------------------------------------- setting readers (see _SETTINGS)
 
-        node = get("vram_safety_margin")
-        if node is not None:
-            margin = self.number(node, "vram_safety_margin")
-            if not 0 < margin <= 1:
+    def seconds(self, node: yaml.Node, key: str, *, zero_ok: bool = False) -> float:
+        seconds = self.duration(node, key)
+        if seconds < 0 or (seconds == 0 and not zero_ok):
+            self.fail(node, key, f"must be {'>= 0 (0 = off)' if zero_ok else '> 0'}, got {node.value}")
+        return float(seconds)
+
+    def count(self, node: yaml.Node, key: str, minimum: int = 1) -> int:
+        value = self.integer(node, key)
+        if value < minimum:
+            self.fail(node, key, f"must be >= {minimum}, got {node.value}")
+        return value
+
+    def margin(self, node: yaml.Node, key: str) -> float:
+        value = self.number(node, key)
+        if not 0 < value <= 1:
+            self.fail(node, key, f"must be > 0 and <= 1 (a fraction of VRAM), got {node.value}")
+        return float(value)
+
+    def mib(self, node: yaml.Node, key: str) -> int:
+        value = self.number(node, key, "a number of MiB")
+        if value < 0:
+            self.fail(node, key, f"must be >= 0, got {node.value}")
+        return round(value * _MIB)
+
+    def absolute_path(self, node: yaml.Node, key: str) -> str:
+        text = self.string(node, key, "a directory path or null").strip()
+        expanded = os.path.expanduser(text)
+        if not os.path.isabs(expanded):
+            self.fail(node, key, f"must be an absolute path, got {_short(text)}")
+        return expanded
+
+    def listen(self, node: yaml.Node, key: str) -> str:
+        text = self.string(node, key, "host:port, e.g. 127.0.0.1:9464").strip()
+        try:
+            host, port = parse_listen(text)
+        except ValueError as e:
+            self.fail(node, key, str(e))
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def secret(self, node: yaml.Node, key: str) -> str:
+        if not (isinstance(node, yaml.ScalarNode) and node.tag == _STR):
+            self.fail(node, key, f"expected a string, got {self.describe(node, secret=True)}")
+        value = self.expand(str(node.value), node, key)
+        if len(value) < 16 or any(c.isspace() or not c.isprintable() for c in value):
+            self.fail(node, key, "must be at least 16 printable characters without spaces")
+        self.latin1(value, node, key)
+        return value
+
+    def latin1(self, value: str, node: yaml.Node, key: str) -> None:
+        """HTTP/1.1 sends header values as Latin-1: anything else would fail on every request."""
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError as e:
+            self.fail(
+                node,
+                key,
+                f"character {e.start + 1} of the value (after ${{VAR}} expansion) cannot be sent in an "
+                "HTTP header (only Latin-1 text can)",
+            )
+
+    def ollama_env(self, node: yaml.Node, key: str) -> Mapping[str, EnvValue]:
+        """``OLLAMA_*`` settings, named as Ollama names them; values as Ollama would read them."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+            return _no_env()
+        pairs = self.mapping(node, key, "a mapping of OLLAMA_* variables to values", None)
+        out: dict[str, EnvValue] = {}
+        for name, (name_node, value_node) in pairs.items():
+            env_key = _join(key, name)
+            if not name.startswith(_ENV_PREFIX) or not _ENV_NAME.match(name):
+                bare = name.upper().removeprefix(_ENV_PREFIX)
+                close = difflib.get_close_matches(bare, [n[len(_ENV_PREFIX) :] for n in OLLAMA_SIZING_NAMES])
+                hint = f" (did you mean '{_ENV_PREFIX}{close[0]}'?)" if close else ""
                 self.fail(
-                    node, "vram_safety_margin", f"must be > 0 and <= 1 (a fraction of VRAM), got {node.value}"
+                    name_node,
+                    env_key,
+                    f"not an Ollama setting: names are Ollama's own environment variables, OLLAMA_...{hint}",
                 )
-            values["vram_safety_margin"] = float(margin)
-
-        node = get("vram_reserve_mb")
-        if node is not None:
-            reserve = self.number(node, "vram_reserve_mb", "a number of MiB")
-            if reserve < 0:
-                self.fail(node, "vram_reserve_mb", f"must be >= 0, got {node.value}")
-            values["vram_reserve_bytes"] = round(reserve * _MIB)
-
-        node = get("num_ctx")
-        if node is not None:
-            num_ctx = self.integer(node, "num_ctx")
-            if num_ctx < 1:
-                self.fail(node, "num_ctx", f"must be >= 1, got {node.value}")
-            values["num_ctx"] = num_ctx
-
-        for name in ("auto_optimize", "cpu_fallback"):
-            node = get(name)
-            if node is not None:
-                values[name] = self.boolean(node, name)
-
-        node = get("log_level")
-        if node is not None:
-            values["log_level"] = self.choice(node, "log_level", LOG_LEVELS)
-        node = get("evict")
-        if node is not None:
-            values["evict"] = self.choice(node, "evict", EVICT_POLICIES)
-
-        node = get("state_dir")
-        if node is not None and not (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
-            text = self.string(node, "state_dir", "a directory path or null").strip()
-            expanded = os.path.expanduser(text)
-            if not os.path.isabs(expanded):
-                self.fail(node, "state_dir", f"must be an absolute path, got {_short(text)}")
-            values["state_dir"] = expanded
-
-        return dataclasses.replace(defaults, priority_models=models, path=self.path, **values)
+            if not isinstance(value_node, yaml.ScalarNode) or value_node.tag == _NULL:
+                self.fail(
+                    value_node,
+                    env_key,
+                    f"expected a value as Ollama reads it, got {self.describe(value_node)}",
+                )
+            value = self.scalar(value_node, env_key)
+            assert isinstance(value, (str, int, float, bool))
+            out[name] = value
+        return MappingProxyType(out)
 
     def nodes(self, seq: yaml.Node) -> tuple[NodeConfig, ...]:
         items = self.sequence(
@@ -562,6 +661,7 @@ class _Walker:
             key = f"nodes[{i}]"
             gpu = GpuSpec()
             headers: Mapping[str, str] = MappingProxyType({})
+            extra: dict[str, Any] = {}  # NodeConfig fields from optional keys
             name_node: yaml.Node | None = None
             url_node: yaml.Node
             url_key: str
@@ -578,6 +678,12 @@ class _Walker:
                     gpu = self.gpu(pairs["gpu"][1], _join(key, "gpu"))
                 if "headers" in pairs:
                     headers = self.headers(pairs["headers"][1], _join(key, "headers"))
+                if "ollama_env" in pairs:
+                    extra["ollama_env"] = self.ollama_env(pairs["ollama_env"][1], _join(key, "ollama_env"))
+                if "ca_file" in pairs:
+                    extra["ca_file"] = self.ca_file(pairs["ca_file"][1], _join(key, "ca_file"))
+                if "tls_verify" in pairs:
+                    extra["tls_verify"] = self.boolean(pairs["tls_verify"][1], _join(key, "tls_verify"))
             else:
                 self.type_error(item, key, "a URL or a mapping with url:")
             url, netloc = self.url(url_node, url_key)
@@ -601,7 +707,7 @@ class _Walker:
                 fix = "" if name_node is not None else "; it comes from the url, so set name:"
                 self.fail(where, name_key, f"{what} (also {other}, line {line}){fix}")
             names[name] = (key, _line(where))
-            out.append(NodeConfig(name=name, url=url, gpu=gpu, headers=headers))
+            out.append(NodeConfig(name=name, url=url, gpu=gpu, headers=headers, **extra))
         return tuple(out)
 
     def gpu(self, node: yaml.Node, key: str) -> GpuSpec:
@@ -641,6 +747,12 @@ class _Walker:
             sizes.append(round(mib * _MIB))
         return GpuSpec(kind="static", vram_bytes=tuple(sizes))
 
+    def ca_file(self, node: yaml.Node, key: str) -> str:
+        path = self.absolute_path(node, key)
+        if not os.path.isfile(path):
+            self.fail(node, key, f"{_short(path)} is not a readable file (a PEM bundle of CA certificates)")
+        return path
+
     def headers(self, node: yaml.Node, key: str) -> Mapping[str, str]:
         if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
             return MappingProxyType({})
@@ -665,6 +777,7 @@ class _Walker:
             value = self.expand(str(value_node.value), value_node, hkey)
             if any(c in value for c in "\r\n\0"):
                 self.fail(value_node, hkey, "a header value must not contain line breaks or NUL")
+            self.latin1(value, value_node, hkey)
             out[name] = value
         return MappingProxyType(out)
 
@@ -699,6 +812,8 @@ class _Walker:
             key = f"priority_models[{i}]"
             replicas: int | Literal["all"] = 1
             allowed: tuple[str, ...] = ()
+            num_ctx: int | None = None
+            pull: bool | None = None
             name_node: yaml.Node
             name_key: str
             if isinstance(item, yaml.ScalarNode) and item.tag == _STR:
@@ -714,6 +829,10 @@ class _Walker:
                     replicas = self.replicas(
                         pairs["replicas"][1], _join(key, "replicas"), allowed, len(nodes)
                     )
+                if "num_ctx" in pairs:
+                    num_ctx = self.count(pairs["num_ctx"][1], _join(key, "num_ctx"))
+                if "pull" in pairs:
+                    pull = self.boolean(pairs["pull"][1], _join(key, "pull"))
             else:
                 self.type_error(item, key, "a model name or a mapping with name:")
             raw = self.string(name_node, name_key, "a model name such as llama3.1:8b").strip()
@@ -728,7 +847,7 @@ class _Walker:
                     name_node, name_key, f"duplicate priority model {name!r} (also {other}, line {line})"
                 )
             seen[name] = (key, _line(name_node))
-            out.append(PriorityModel(name=name, replicas=replicas, nodes=allowed))
+            out.append(PriorityModel(name=name, replicas=replicas, nodes=allowed, num_ctx=num_ctx, pull=pull))
         return tuple(out)
 
     def model_nodes(self, node: yaml.Node, key: str, node_names: list[str]) -> tuple[str, ...]:
@@ -769,6 +888,70 @@ class _Walker:
                 f"{count} replicas but only {n_nodes} node{plural} configured; 'all' means one on each",
             )
         return count
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One top-level scalar setting: the Config field it fills and how its YAML value is checked."""
+
+    attr: str
+    read: Callable[[_Walker, yaml.Node, str], object]
+    nullable: bool = False  # ``key: null`` is allowed and means "unset"
+
+
+# Every top-level setting except the structured ones (nodes, priority_models, ollama_env): a new
+# setting is one row here plus its Config field.
+_SETTINGS: dict[str, _Setting] = {
+    "check_interval": _Setting("check_interval_s", lambda w, n, k: w.seconds(n, k)),
+    "watch_interval": _Setting("watch_interval_s", lambda w, n, k: w.seconds(n, k, zero_ok=True)),
+    "request_timeout": _Setting("request_timeout_s", lambda w, n, k: w.seconds(n, k)),
+    "load_timeout": _Setting("load_timeout_s", lambda w, n, k: w.seconds(n, k)),
+    "pull_timeout": _Setting("pull_timeout_s", lambda w, n, k: w.seconds(n, k)),
+    "vram_safety_margin": _Setting("vram_safety_margin", lambda w, n, k: w.margin(n, k)),
+    "vram_reserve_mb": _Setting("vram_reserve_bytes", lambda w, n, k: w.mib(n, k)),
+    "auto_optimize": _Setting("auto_optimize", lambda w, n, k: w.boolean(n, k)),
+    "cpu_fallback": _Setting("cpu_fallback", lambda w, n, k: w.boolean(n, k)),
+    "pull_missing": _Setting("pull_missing", lambda w, n, k: w.boolean(n, k)),
+    "max_concurrent_pulls": _Setting("max_concurrent_pulls", lambda w, n, k: w.count(n, k)),
+    "down_after": _Setting("down_after", lambda w, n, k: w.count(n, k)),
+    "evict": _Setting("evict", lambda w, n, k: w.choice(n, k, EVICT_POLICIES)),
+    "log_level": _Setting("log_level", lambda w, n, k: w.choice(n, k, LOG_LEVELS)),
+    "state_dir": _Setting("state_dir", lambda w, n, k: w.absolute_path(n, k), nullable=True),
+    "listen": _Setting("listen", lambda w, n, k: w.listen(n, k), nullable=True),
+    "api_token": _Setting("api_token", lambda w, n, k: w.secret(n, k), nullable=True),
+}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) of the daemon's listener; ValueError says what is wrong."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{_short(text)} is not [IPv6]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{_short(text)} is not host:port (write IPv6 as [::1]:9464)")
+    if not host:
+        raise ValueError(
+            f"{_short(text)} has no host: write 127.0.0.1:PORT, or 0.0.0.0:PORT for every address"
+        )
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{_short(text)} has no valid port (1-65535)")
+    return host.lower(), int(port_text)
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """True when a ``listen`` address only accepts connections from this machine."""
+    host, _ = parse_listen(listen)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 # --------------------------------------------------------------------------- public API

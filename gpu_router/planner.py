@@ -313,6 +313,16 @@ def _victims(
     return sorted(out, key=lambda m: (m.expires_at or far, m.name))
 
 
+def _context(config: Config, pm: PriorityModel | None) -> int:
+    """The context a model is sized at: its configured num_ctx, else the cluster's Ollama setting."""
+    if pm is not None and pm.num_ctx:
+        return pm.num_ctx
+    try:
+        return int(str(config.ollama_env.get("OLLAMA_CONTEXT_LENGTH", 4096)))
+    except ValueError:
+        return 4096
+
+
 def _replicas(pm: PriorityModel, gpu_nodes: int) -> int:
     return gpu_nodes if pm.replicas == "all" else int(pm.replicas)
 
@@ -375,7 +385,7 @@ def _plan(
         if i == len(models):
             room.freeze()  # non-priority models are judged, never placed: the room stops changing
         pm = priority.get(name)
-        need = sizes.need(name, config.num_ctx, learned)
+        need = sizes.need(name, _context(config, pm), learned)
         judged = _judge(views, name, need.need_bytes, pm, room, backoff, evicted)
         fits = judged.fits
         if pm is None:

@@ -76,11 +76,17 @@ nodes:
     name: local2
   - url: http://127.0.0.3:11434
     gpu: {exporter: "http://127.0.0.3:9835"}
+    ollama_env: {OLLAMA_NUM_PARALLEL: 2, OLLAMA_FLASH_ATTENTION: true}
+    tls_verify: false
 priority_models:
   - mxbai-embed-large
-  - {name: "llama3.1:8b", replicas: 1, nodes: [gpu-a]}
-  - {name: hf.co/org/model, replicas: all}
-  - {name: qwen2.5:7b, replicas: 2, nodes: [gpu-a, local2]}
+  - {name: "llama3.1:8b", replicas: 1, nodes: [gpu-a], num_ctx: 16384}
+  - {name: hf.co/org/model, replicas: all, pull: true}
+  - {name: qwen2.5:7b, replicas: 2, nodes: [gpu-a, local2], pull: no}
+ollama_env:
+  OLLAMA_CONTEXT_LENGTH: 8192
+  OLLAMA_KV_CACHE_TYPE: q8_0
+  OLLAMA_NUM_PARALLEL: "1"
 check_interval: 5m
 watch_interval: 0
 vram_safety_margin: 1
@@ -88,11 +94,15 @@ vram_reserve_mb: 512
 auto_optimize: no
 request_timeout: 2.5
 load_timeout: 1h30m
-num_ctx: 8192
 evict: ANY
 cpu_fallback: yes
 state_dir: /srv/gpu-router
 log_level: debug
+listen: 127.0.0.1:9464
+down_after: 3
+pull_missing: true
+max_concurrent_pulls: 2
+pull_timeout: 30m
 """
 
 
@@ -127,13 +137,15 @@ def test_rich_form() -> None:
                 name="127.0.0.3:11434",
                 url="http://127.0.0.3:11434",
                 gpu=GpuSpec(kind="exporter", exporter_url="http://127.0.0.3:9835/metrics"),
+                ollama_env=MappingProxyType({"OLLAMA_NUM_PARALLEL": 2, "OLLAMA_FLASH_ATTENTION": True}),
+                tls_verify=False,
             ),
         ),
         priority_models=(
             PriorityModel(name="mxbai-embed-large:latest"),
-            PriorityModel(name="llama3.1:8b", replicas=1, nodes=("gpu-a",)),
-            PriorityModel(name="hf.co/org/model:latest", replicas="all"),
-            PriorityModel(name="qwen2.5:7b", replicas=2, nodes=("gpu-a", "local2")),
+            PriorityModel(name="llama3.1:8b", replicas=1, nodes=("gpu-a",), num_ctx=16384),
+            PriorityModel(name="hf.co/org/model:latest", replicas="all", pull=True),
+            PriorityModel(name="qwen2.5:7b", replicas=2, nodes=("gpu-a", "local2"), pull=False),
         ),
         check_interval_s=300.0,
         watch_interval_s=0.0,
@@ -142,13 +154,29 @@ def test_rich_form() -> None:
         auto_optimize=False,
         request_timeout_s=2.5,
         load_timeout_s=5400.0,
-        num_ctx=8192,
         log_level="DEBUG",
         evict="any",
         cpu_fallback=True,
         state_dir="/srv/gpu-router",
+        ollama_env=MappingProxyType(
+            {"OLLAMA_CONTEXT_LENGTH": 8192, "OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_NUM_PARALLEL": "1"}
+        ),
+        listen="127.0.0.1:9464",
+        down_after=3,
+        pull_missing=True,
+        max_concurrent_pulls=2,
+        pull_timeout_s=1800.0,
         path="config.yaml",
     )
+    # Per-node keys win over the top level, key by key.
+    assert dict(config.node_env(config.nodes[6])) == {
+        "OLLAMA_CONTEXT_LENGTH": 8192,
+        "OLLAMA_KV_CACHE_TYPE": "q8_0",
+        "OLLAMA_NUM_PARALLEL": 2,
+        "OLLAMA_FLASH_ATTENTION": True,
+    }
+    assert config.node_env(config.nodes[0]) == config.ollama_env
+    assert [config.wants_pull(m) for m in config.priority_models] == [True, True, True, False]
     assert isinstance(config.check_interval_s, float)
     assert isinstance(config.vram_reserve_bytes, int)
     assert hash(config) == hash(parse(RICH))  # frozen and hashable even with headers
@@ -211,8 +239,11 @@ def test_shipped_example_lists_every_key_with_its_default() -> None:
         "auto_optimize": "true",
         "request_timeout": "5",
         "load_timeout": "300",
-        "num_ctx": str(defaults.num_ctx),
         "evict": defaults.evict,
+        "down_after": str(defaults.down_after),
+        "pull_missing": "false",
+        "max_concurrent_pulls": str(defaults.max_concurrent_pulls),
+        "pull_timeout": "3600",
         "cpu_fallback": "false",
         "state_dir": "null",
         "log_level": defaults.log_level,
@@ -228,12 +259,18 @@ def test_shipped_example_lists_every_key_with_its_default() -> None:
 def test_shipped_example_commented_nodes_are_valid_when_uncommented() -> None:
     lines = []
     for line in EXAMPLE.read_text().splitlines():
-        m = re.match(r"^(\s*)# (- url:|  (?:name|gpu|headers):|nodes:)(.*)$", line)
+        # ca_file stays commented: its example path does not exist here.
+        m = re.match(r"^(\s*)# (- url:|  (?:name|gpu|headers|ollama_env):|nodes:)(.*)$", line)
         lines.append(f"{m.group(1)}{m.group(2)}{m.group(3)}" if m else line)
     config = parse_config("\n".join(lines), "example", environ=ENV)
     kinds = [n.gpu.kind for n in config.nodes]
-    assert kinds == ["auto", "exporter", "static", "none"]
+    assert kinds == ["auto", "exporter", "static", "none", "static"]
     assert config.nodes[3].headers["Authorization"] == f"Bearer {SECRET}"
+    assert dict(config.nodes[4].ollama_env) == {
+        "OLLAMA_NUM_PARALLEL": 4,
+        "OLLAMA_FLASH_ATTENTION": 1,
+        "OLLAMA_KV_CACHE_TYPE": "q8_0",
+    }
     assert config.priority_models[1].nodes == ("gpu-a",)
 
 
@@ -284,11 +321,7 @@ BAD = [
     ),
     (
         "nodes: [http://x]\nzzz: 1\n",
-        (
-            "config.yaml:2: zzz: unknown key (expected one of: nodes, priority_models, "
-            "check_interval, watch_interval, vram_safety_margin, vram_reserve_mb, auto_optimize, "
-            "request_timeout, load_timeout, num_ctx, evict, cpu_fallback, state_dir, log_level)"
-        ),
+        "config.yaml:2: zzz: unknown key (config/config.yaml lists every setting with its default)",
     ),
     (
         "nodes: [http://x]\n1: 2\n",
@@ -327,8 +360,8 @@ BAD = [
         ),
     ),
     (
-        "nodes: [http://x]\nnum_ctx: !!int abc\n",
-        "config.yaml:2: num_ctx: cannot read 'abc' as int",
+        "nodes: [http://x]\ndown_after: !!int abc\n",
+        "config.yaml:2: down_after: cannot read 'abc' as int",
     ),
     (
         "nodes: [http://x]\n<<: 5\n",
@@ -722,16 +755,129 @@ BAD = [
         "config.yaml:2: vram_reserve_mb: expected a number of MiB, got a boolean (true)",
     ),
     (
-        "nodes: [http://a]\nnum_ctx: 0\n",
-        "config.yaml:2: num_ctx: must be >= 1, got 0",
+        "nodes: [http://a]\nnum_ctx: 8192\n",
+        (
+            "config.yaml:2: num_ctx: no longer a setting: the context is what each node's Ollama uses. "
+            "Write it as Ollama's own variable, ollama_env: {OLLAMA_CONTEXT_LENGTH: N} (top level or per "
+            "node), or per model as priority_models[].num_ctx"
+        ),
     ),
     (
-        "nodes: [http://a]\nnum_ctx: 4096.5\n",
-        "config.yaml:2: num_ctx: expected a whole number, got the number 4096.5",
+        "nodes: [http://a]\npriority_models: [{name: m, num_ctx: 0}]\n",
+        "config.yaml:2: priority_models[0].num_ctx: must be >= 1, got 0",
     ),
     (
-        "nodes: [http://a]\nnum_ctx: '4096'\n",
-        "config.yaml:2: num_ctx: expected a whole number, got a string '4096' (remove the quotes)",
+        "nodes: [http://a]\npriority_models: [{name: m, num_ctx: 4096.5}]\n",
+        "config.yaml:2: priority_models[0].num_ctx: expected a whole number, got the number 4096.5",
+    ),
+    (
+        "nodes: [http://a]\npriority_models: [{name: m, num_ctx: '4096'}]\n",
+        (
+            "config.yaml:2: priority_models[0].num_ctx: expected a whole number, got a string '4096' "
+            "(remove the quotes)"
+        ),
+    ),
+    (
+        "nodes: [http://a]\npriority_models: [{name: m, pull: 'yes'}]\n",
+        "config.yaml:2: priority_models[0].pull: expected true or false, got a string 'yes'",
+    ),
+    (
+        "nodes: [http://a]\nollama_env: {CONTEXT_LENGTH: 8192}\n",
+        (
+            "config.yaml:2: ollama_env.CONTEXT_LENGTH: not an Ollama setting: names are Ollama's own "
+            "environment variables, OLLAMA_... (did you mean 'OLLAMA_CONTEXT_LENGTH'?)"
+        ),
+    ),
+    (
+        "nodes: [http://a]\nollama_env: {HOME: /root}\n",
+        (
+            "config.yaml:2: ollama_env.HOME: not an Ollama setting: names are Ollama's own "
+            "environment variables, OLLAMA_..."
+        ),
+    ),
+    (
+        "nodes: [http://a]\nollama_env: {OLLAMA_NUM_PARALLEL: [1]}\n",
+        "config.yaml:2: ollama_env.OLLAMA_NUM_PARALLEL: expected a value as Ollama reads it, got a list",
+    ),
+    (
+        "nodes: [http://a]\nollama_env: [OLLAMA_NUM_PARALLEL=2]\n",
+        "config.yaml:2: ollama_env: expected a mapping of OLLAMA_* variables to values, got a list",
+    ),
+    (
+        "nodes:\n  - url: http://a\n    ollama_env: {ollama_num_parallel: 2}\n",
+        (
+            "config.yaml:3: nodes[0].ollama_env.ollama_num_parallel: not an Ollama setting: names are "
+            "Ollama's own environment variables, OLLAMA_... (did you mean 'OLLAMA_NUM_PARALLEL'?)"
+        ),
+    ),
+    (
+        "nodes:\n  - url: https://a\n    ca_file: relative.pem\n",
+        "config.yaml:3: nodes[0].ca_file: must be an absolute path, got 'relative.pem'",
+    ),
+    (
+        "nodes:\n  - url: https://a\n    ca_file: /nonexistent/ca.pem\n",
+        (
+            "config.yaml:3: nodes[0].ca_file: '/nonexistent/ca.pem' is not a readable file (a PEM "
+            "bundle of CA certificates)"
+        ),
+    ),
+    (
+        "nodes: [http://a]\nlisten: 9464\n",
+        "config.yaml:2: listen: expected host:port, e.g. 127.0.0.1:9464, got the number 9464",
+    ),
+    (
+        "nodes: [http://a]\nlisten: localhost\n",
+        "config.yaml:2: listen: 'localhost' is not host:port (write IPv6 as [::1]:9464)",
+    ),
+    (
+        "nodes: [http://a]\nlisten: ':9464'\n",
+        "config.yaml:2: listen: ':9464' has no host: write 127.0.0.1:PORT, or 0.0.0.0:PORT for every address",
+    ),
+    (
+        "nodes: [http://a]\nlisten: 127.0.0.1:70000\n",
+        "config.yaml:2: listen: '127.0.0.1:70000' has no valid port (1-65535)",
+    ),
+    (
+        "nodes: [http://a]\nlisten: 0.0.0.0:9464\n",
+        (
+            "config.yaml:2: listen: 0.0.0.0:9464 is reachable from other hosts: set api_token "
+            "(e.g. api_token: ${GPU_ROUTER_TOKEN}) or listen on 127.0.0.1"
+        ),
+    ),
+    (
+        "nodes: [http://a]\nlisten: gpu-router.lan:9464\n",
+        (
+            "config.yaml:2: listen: gpu-router.lan:9464 is reachable from other hosts: set api_token "
+            "(e.g. api_token: ${GPU_ROUTER_TOKEN}) or listen on 127.0.0.1"
+        ),
+    ),
+    (
+        "nodes: [http://a]\napi_token: short\n",
+        "config.yaml:2: api_token: must be at least 16 printable characters without spaces",
+    ),
+    (
+        "nodes: [http://a]\napi_token: 12345678901234567890\n",
+        "config.yaml:2: api_token: expected a string, got a number",
+    ),
+    (
+        "nodes: [http://a]\napi_token: ${NOT_SET}\n",
+        "config.yaml:2: api_token: environment variable NOT_SET is not set",
+    ),
+    (
+        "nodes: [http://a]\ndown_after: 0\n",
+        "config.yaml:2: down_after: must be >= 1, got 0",
+    ),
+    (
+        "nodes: [http://a]\nmax_concurrent_pulls: 0\n",
+        "config.yaml:2: max_concurrent_pulls: must be >= 1, got 0",
+    ),
+    (
+        "nodes: [http://a]\npull_timeout: 0\n",
+        "config.yaml:2: pull_timeout: must be > 0, got 0",
+    ),
+    (
+        "nodes: [http://a]\npull_missing: 1\n",
+        "config.yaml:2: pull_missing: expected true or false, got the number 1",
     ),
     (
         "nodes: [http://a]\nauto_optimize: 'true'\n",
@@ -846,6 +992,50 @@ SECRET_CASES = [
     f"nodes:\n  - url: http://a/?key={SECRET}\n",
     "nodes:\n  - url: http://a\n    headers: {Authorization: 'Bearer ${OLLAMA_TOKEN}'}\nzzz: 1\n",
 ]
+
+
+def test_non_latin1_header_after_expansion_is_refused_without_the_value() -> None:
+    # http.client sends header values as Latin-1: a value that is not would fail on every request,
+    # so it is refused when the config is read, naming the key and never the value.
+    secret = "tok-\u20ac-" + SECRET
+    err = error(
+        "nodes:\n  - url: http://a\n    headers: {Authorization: 'Bearer ${OLLAMA_TOKEN}'}\n",
+        environ={"OLLAMA_TOKEN": secret},
+    )
+    assert str(err) == (
+        "config.yaml:3: nodes[0].headers.Authorization: character 12 of the value (after ${VAR} "
+        "expansion) cannot be sent in an HTTP header (only Latin-1 text can)"
+    )
+    assert secret not in repr(err)
+    # Latin-1 beyond ASCII is fine.
+    ok = parse(
+        "nodes:\n  - url: http://a\n    headers: {X-Name: 'caf\u00e9'}\n",
+    )
+    assert ok.nodes[0].headers["X-Name"] == "caf\u00e9"
+
+
+def test_api_token_allows_any_listen_address_and_is_never_shown() -> None:
+    token = "t0ken-" + SECRET
+    config = parse(
+        "nodes: [http://a]\nlisten: 0.0.0.0:9464\napi_token: ${GPU_ROUTER_TOKEN}\n",
+        environ={"GPU_ROUTER_TOKEN": token},
+    )
+    assert (config.listen, config.api_token) == ("0.0.0.0:9464", token)
+    assert token not in repr(config)
+    assert parse("nodes: [http://a]\nlisten: '[::1]:9464'\n").listen == "[::1]:9464"
+    assert parse("nodes: [http://a]\nlisten: localhost:1\n").listen == "localhost:1"
+    err = error("nodes: [http://a]\napi_token: 'has a space in it here'\n")
+    assert "has a space" not in str(err)
+
+
+def test_tls_settings(tmp_path: pathlib.Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    config = parse(
+        f"nodes:\n  - url: https://a\n    ca_file: {ca}\n  - url: https://b\n    tls_verify: off\n"
+    )
+    assert (config.nodes[0].ca_file, config.nodes[0].tls_verify) == (str(ca), True)
+    assert (config.nodes[1].ca_file, config.nodes[1].tls_verify) == (None, False)
 
 
 @pytest.mark.parametrize("text", SECRET_CASES)

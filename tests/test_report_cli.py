@@ -301,6 +301,18 @@ def test_check_config(config_path: Path, tmp_path: Path, capsys: pytest.CaptureF
     out = io.StringIO()
     assert main(["--config", str(config_path), "--check-config"], out=out) == 0
     assert "OK (7 nodes, 2 priority models)" in out.getvalue()
+    env = tmp_path / "env.yaml"
+    env.write_text(
+        "nodes:\n  - url: http://127.0.0.1:1\n    name: a\n    ollama_env: {OLLAMA_HOST: 0.0.0.0, OLLAMA_NUM_PARALLEL: 2}\n"
+        "ollama_env: {OLLAMA_MODELS: /srv/models, OLLAMA_CONTEXT_LENGTH: 8192}\n"
+    )
+    out = io.StringIO()
+    assert main(["--config", str(env), "--check-config"], out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[1:] == [
+        f"{env}: ollama_env: OLLAMA_MODELS is not used for sizing (accepted, ignored)",
+        f"{env}: nodes[a].ollama_env: OLLAMA_HOST is not used for sizing (accepted, ignored)",
+    ]
     bad = tmp_path / "bad.yaml"
     bad.write_text("nodes:\n  - http://127.0.0.1:1\ncheck_intervall: 5\n")
     assert main(["--config", str(bad), "--check-config"], out=io.StringIO()) == 78

@@ -119,9 +119,9 @@ def _emit(tables: list[Table], data: Json, args: argparse.Namespace, out: TextIO
 
 
 def _report(config: Config) -> Json:
-    state = observe_once(config)
-    from gpu_router.store import load_learned
+    from gpu_router.store import info_cache_for, load_learned
 
+    state = observe_once(config, info_cache=info_cache_for(config))
     return build_report(state, plan(state, config, learned=load_learned(config)))
 
 

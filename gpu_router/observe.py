@@ -1,8 +1,21 @@
-"""Gather a :class:`ClusterState` from every node at once.
+"""Gather a :class:`ClusterState` from every node at once, within one deadline.
 
-Each node is polled in its own worker with its own timeouts, so one node that hangs delays the
-result by at most one timeout and never stalls the others. Model metadata (``/api/show``) does
-not change for a given digest, so it is asked once per digest and cached across cycles.
+Every node is polled in its own worker, and the observation as a whole has one deadline
+(``request_timeout`` plus a little slack): a node that has not answered by then counts as failed
+for this cycle, so one hung host never holds up the loop, the watchdog or the other nodes. A
+worker left behind by such a node finishes at its own request deadline and is reused; a node whose
+previous poll is still running is not polled again, so threads never pile up.
+
+A node's state is judged over its recent polls (:class:`NodeHealth`): ``up``; ``degraded`` when it
+answers badly, or has missed fewer polls in a row than ``down_after`` (its last good picture is kept
+meanwhile, marked stale); ``down`` after ``down_after`` polls without an answer, then polled with a
+backoff that doubles up to ``check_interval``, so a dead host costs almost nothing.
+
+Requests per node and cycle are kept to what is needed: ``/api/ps`` always; ``/api/tags`` when the
+loaded set changed, after the daemon acted, and at least every ``TAGS_EVERY`` cycles; ``/api/version``
+once (again after the node was down); ``/api/show`` once per model digest, ever (cached in the state
+directory). A node's tags and version go out together with its ``/api/ps``, and its ``/api/show``
+calls as soon as its tags arrive.
 """
 
 from __future__ import annotations
@@ -10,37 +23,55 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
+from typing import Any
 
 from gpu_router.config import Config, NodeConfig
 from gpu_router.gpus import GpuSource, make_gpu_source
-from gpu_router.ollama import OllamaClient, OllamaError
+from gpu_router.ollama import NodeUnreachable, OllamaClient, OllamaError
 from gpu_router.state import (
     ClusterState,
     GpuReading,
+    InstalledModel,
     LoadedModel,
     ModelInfo,
     NodeState,
     NodeStatus,
     VramSource,
 )
+from gpu_router.store import InfoCache
 
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[NodeConfig, float], OllamaClient]
 GpuSourceFactory = Callable[[NodeConfig, float], GpuSource]
 
+# Slack on top of request_timeout for the whole observation: thread hand-offs and parsing.
+DEADLINE_SLACK_S = 0.5
+# /api/tags is asked again at least this often (in observations) even when nothing seems to change,
+# so a model pulled by hand onto a node is seen within TAGS_EVERY reconciles.
+TAGS_EVERY = 10
+# Waiting on the nodes is cut into slices this long, so a stop request and the watchdog are served.
+WAIT_SLICE_S = 0.25
+# A loaded model can never hold more than this, whatever a node says (a sanity bound, 1 PiB).
+ABSURD_BYTES = 2**50
+
 
 def _client(node: NodeConfig, timeout_s: float) -> OllamaClient:
     return OllamaClient(node.name, node.url, timeout_s=timeout_s, headers=node.headers)
 
 
-class Observer:
-    """Polls a fixed set of nodes; build a new one when the config changes."""
+class NodeLinks:
+    """The HTTP clients and GPU sources of one configuration.
+
+    One owner for everything that talks to the nodes: the observer and the executor both use it,
+    and a reload swaps it as one thing (the old one is closed once nothing in flight uses it).
+    """
 
     def __init__(
         self,
@@ -48,56 +79,439 @@ class Observer:
         *,
         client_factory: ClientFactory = _client,
         gpu_source_factory: GpuSourceFactory = make_gpu_source,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
-        self.config = config
-        self._clock = clock
         timeout = config.request_timeout_s
-        self.clients = {n.name: client_factory(n, timeout) for n in config.nodes}
-        self.gpu_sources = {n.name: gpu_source_factory(n, timeout) for n in config.nodes}
-        # Two tasks per node (Ollama, GPU source) so a slow exporter never delays /api/ps.
-        self._pool = ThreadPoolExecutor(
-            max_workers=min(128, 2 * len(config.nodes) + 2), thread_name_prefix="observe"
-        )
-        self._info: dict[tuple[str, str], ModelInfo] = {}
-        self._info_lock = threading.Lock()
-        self._last_status: dict[str, NodeStatus] = {}
-        # Asked once per node and again only after the node was unreachable (it may have been
-        # upgraded meanwhile): a third fewer requests in every idle cycle.
-        self._versions: dict[str, str] = {}
+        self.clients: dict[str, OllamaClient] = {n.name: client_factory(n, timeout) for n in config.nodes}
+        self.gpu_sources: dict[str, GpuSource] = {
+            n.name: gpu_source_factory(n, timeout) for n in config.nodes
+        }
 
     def close(self) -> None:
-        """Stop the workers and close every connection."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Close every connection and GPU library handle."""
         for c in self.clients.values():
             c.close()
         for g in self.gpu_sources.values():
             g.close()
 
-    def observe(self) -> ClusterState:
-        """Poll every node and GPU source concurrently; never raises for a node's failure."""
-        ollama: dict[str, Future[NodeState]] = {
-            n.name: self._pool.submit(self._poll_node, n) for n in self.config.nodes
-        }
-        gpus: dict[str, Future[GpuReading]] = {
-            n.name: self._pool.submit(self._read_gpu, n.name) for n in self.config.nodes
-        }
-        nodes = [replace(ollama[n.name].result(), gpu=gpus[n.name].result()) for n in self.config.nodes]
-        nodes = self._attach_info(nodes)
-        for n in nodes:
-            self._log_transition(n)
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@dataclass
+class _Track:
+    """What :class:`NodeHealth` remembers about one node."""
+
+    status: NodeStatus | None = None
+    since_mono: float = 0.0
+    since: datetime | None = None
+    failures: int = 0  # consecutive failed polls
+    next_poll: float = 0.0  # monotonic; only used while down
+    backoff_s: float = 0.0
+    last_good: NodeState | None = None
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One node's state after a poll, and whether it changed."""
+
+    state: NodeState
+    changed: bool
+    recovered: bool  # was degraded or down, is up now
+
+
+class NodeHealth:
+    """The up/degraded/down state machine, with a grace before down and a backoff while down.
+
+    Pure bookkeeping over poll results and a clock, so it is tested with a fake clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        down_after: int,
+        backoff_start_s: float,
+        backoff_cap_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.down_after = down_after
+        self.backoff_start_s = max(0.1, min(backoff_start_s, backoff_cap_s))
+        self.backoff_cap_s = max(self.backoff_start_s, backoff_cap_s)
+        self._clock = clock
+        self._wall = wall_clock
+        self._tracks: dict[str, _Track] = {}
+
+    def due(self, node: str) -> bool:
+        """False while a down node waits out its backoff."""
+        t = self._tracks.get(node)
+        return t is None or t.status is not NodeStatus.DOWN or self._clock() >= t.next_poll
+
+    def last(self, node: str) -> NodeState | None:
+        """The node's last judged state (for nodes skipped by backoff)."""
+        t = self._tracks.get(node)
+        return t.last_good if t is not None and t.status is NodeStatus.UP else None
+
+    def status(self, node: str) -> NodeStatus | None:
+        """The node's current status, None before its first poll."""
+        t = self._tracks.get(node)
+        return t.status if t is not None else None
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop nodes that left the configuration."""
+        for name in list(self._tracks):
+            if name not in keep:
+                del self._tracks[name]
+
+    def record(self, polled: NodeState, failure: OllamaError | None) -> Judged:
+        """Judge a poll: ``polled`` is the fresh state (status UP) or, with ``failure``, a bare one."""
+        t = self._tracks.setdefault(polled.name, _Track())
+        now = self._clock()
+        before = t.status
+        if failure is None:
+            t.failures = 0
+            t.backoff_s = 0.0
+            t.last_good = polled
+            new_status, error, out = NodeStatus.UP, None, polled
+        else:
+            t.failures += 1
+            unreachable = isinstance(failure, NodeUnreachable)
+            error = failure.message
+            if unreachable and t.failures >= self.down_after:
+                new_status = NodeStatus.DOWN
+                t.backoff_s = (
+                    self.backoff_start_s
+                    if before is not NodeStatus.DOWN
+                    else min(self.backoff_cap_s, t.backoff_s * 2)
+                )
+                t.next_poll = now + t.backoff_s
+            else:
+                new_status = NodeStatus.DEGRADED
+            if new_status is NodeStatus.DEGRADED and t.failures < self.down_after and t.last_good is not None:
+                # Within the grace: keep the last good picture, marked stale, so one lost answer
+                # neither hides the models there nor makes the planner fail them over.
+                g = t.last_good
+                out = replace(g, status=new_status, error=error, stale=True, poll_s=polled.poll_s)
+                if unreachable:
+                    left = self.down_after - t.failures
+                    out = replace(
+                        out, error=f"{error} (down after {left} more failed poll{'s' * (left > 1)})"
+                    )
+            else:
+                out = replace(polled, status=new_status, error=error)
+        changed = before is not new_status
+        if changed:
+            self._log_change(polled.name, before, new_status, out.error, now - t.since_mono, t.failures)
+            t.status, t.since_mono, t.since = new_status, now, self._wall()
+        out = replace(out, state_since=t.since)
+        if new_status is not NodeStatus.UP:
+            t.last_good = t.last_good if t.failures < self.down_after else None
+        return Judged(out, changed, changed and new_status is NodeStatus.UP and before is not None)
+
+    def skipped(self, node: NodeConfig) -> NodeState:
+        """The state of a down node not polled this time (backoff)."""
+        t = self._tracks[node.name]
+        wait = max(0.0, t.next_poll - self._clock())
+        return NodeState(
+            node.name,
+            node.url,
+            NodeStatus.DOWN,
+            error=f"no answer; next try in {_duration(wait)}",
+            state_since=t.since,
+        )
+
+    @staticmethod
+    def _log_change(
+        name: str,
+        before: NodeStatus | None,
+        after: NodeStatus,
+        error: str | None,
+        lasted_s: float,
+        failures: int,
+    ) -> None:
+        if before is None:
+            if after is not NodeStatus.UP:
+                log.warning("node %s is %s: %s", name, after.value, error)
+            return
+        was = f"was {before.value} for {_duration(lasted_s)}"
+        if after is NodeStatus.UP:
+            log.warning("node %s is up again (%s)", name, was)
+        elif after is NodeStatus.DOWN:
+            log.warning("node %s is down after %d failed polls: %s (%s)", name, failures, error, was)
+        else:
+            log.warning("node %s is degraded: %s (%s)", name, error, was)
+
+
+@dataclass
+class _Polled:
+    """A node's raw answers, as its worker gathered them."""
+
+    loaded: tuple[LoadedModel, ...]
+    installed: tuple[InstalledModel, ...]
+    version: str | None
+    shows: dict[tuple[str, str], Future[ModelInfo | None]] = field(default_factory=dict)
+
+
+def sanitize_loaded(
+    loaded: tuple[LoadedModel, ...], total_vram_bytes: int | None
+) -> tuple[tuple[LoadedModel, ...], tuple[str, ...], frozenset[str]]:
+    """Reject /api/ps entries that cannot be true and merge duplicates.
+
+    Returns the entries kept, one warning per problem, and the models whose entries could not be
+    believed (the planner takes no action on those there, and nothing is learned from them).
+    Duplicates (one model listed twice) are merged by keeping the entry that expires last, as the
+    one Ollama would keep serving.
+    """
+    kept: dict[str, LoadedModel] = {}
+    warnings: list[str] = []
+    suspect: set[str] = set()
+    counts: dict[str, int] = {}
+    far = datetime.max.replace(tzinfo=timezone.utc)
+    for m in loaded:
+        problem = None
+        if m.size_bytes < 0 or m.vram_bytes < 0:
+            problem = "a negative size"
+        elif m.vram_bytes > m.size_bytes:
+            problem = "size_vram larger than size"
+        elif m.size_bytes > ABSURD_BYTES or (
+            total_vram_bytes is not None and m.vram_bytes > total_vram_bytes
+        ):
+            problem = "more VRAM than the node has" if m.size_bytes <= ABSURD_BYTES else "an impossible size"
+        if problem is not None:
+            warnings.append(f"/api/ps entry for {m.name} ignored: {problem}")
+            suspect.add(m.name)
+            continue
+        counts[m.name] = counts.get(m.name, 0) + 1
+        other = kept.get(m.name)
+        if other is None or (m.expires_at or far) > (other.expires_at or far):
+            kept[m.name] = m
+    for name, n in counts.items():
+        if n > 1:
+            warnings.append(f"/api/ps lists {name} {n} times; kept the entry that expires last")
+    return tuple(kept.values()), tuple(warnings), frozenset(suspect)
+
+
+class Observer:
+    """Polls the nodes of one configuration; build a new one when the config changes."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        links: NodeLinks | None = None,
+        client_factory: ClientFactory = _client,
+        gpu_source_factory: GpuSourceFactory = make_gpu_source,
+        info_cache: InfoCache | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._mono = monotonic
+        self._own_links = links is None
+        self.links = links or NodeLinks(
+            config, client_factory=client_factory, gpu_source_factory=gpu_source_factory
+        )
+        self.clients = self.links.clients
+        self.gpu_sources = self.links.gpu_sources
+        # Enough workers for every node's poll, its tags and version, and its GPU source at once:
+        # no node waits for a free thread, whatever the others do.
+        self._pool = ThreadPoolExecutor(max_workers=4 * len(config.nodes) + 8, thread_name_prefix="observe")
+        self._info = info_cache if info_cache is not None else InfoCache(None)
+        self._shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
+        self._lock = threading.Lock()
+        # Asked once per node and again only after the node was unreachable (it may have been upgraded).
+        self._versions: dict[str, str] = {}
+        self._tags: dict[str, tuple[InstalledModel, ...]] = {}
+        self._tags_age: dict[str, int] = {}
+        self._ps_seen: dict[str, frozenset[tuple[str, str]]] = {}
+        self._refresh_tags: set[str] = set()
+        self._busy: dict[str, Future[_Polled]] = {}  # node -> a poll still running past its deadline
+        watch = config.watch_interval_s if config.watch_interval_s > 0 else config.check_interval_s
+        self.health = NodeHealth(
+            down_after=config.down_after,
+            backoff_start_s=watch,
+            backoff_cap_s=config.check_interval_s,
+            clock=monotonic,
+            wall_clock=clock,
+        )
+
+    @property
+    def deadline_s(self) -> float:
+        """How long one observation (or watch) may take, whatever the nodes do."""
+        return self.config.request_timeout_s + DEADLINE_SLACK_S
+
+    def close(self) -> None:
+        """Stop the workers; close the connections when this observer made them."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_links:
+            self.links.close()
+        self._info.save()
+
+    def refresh_tags(self, nodes: set[str] | None = None) -> None:
+        """Ask ``/api/tags`` of these nodes (all when None) in the next observation: the daemon acted."""
+        self._refresh_tags |= set(self.clients) if nodes is None else nodes
+
+    # ------------------------------------------------------------------ observe
+
+    def observe(
+        self, *, cancel: threading.Event | None = None, tick: Callable[[], object] | None = None
+    ) -> ClusterState:
+        """Poll every node and GPU source concurrently; never raises for a node's failure.
+
+        Returns by the deadline whatever the nodes do, or soon after ``cancel`` is set; ``tick`` is
+        called while waiting (the daemon pings the systemd watchdog from it).
+        """
+        start = self._mono()
+        deadline = start + self.deadline_s
+        polls: dict[str, Future[_Polled] | None] = {}
+        gpus: dict[str, Future[GpuReading] | None] = {}
+        for n in self.config.nodes:
+            if not self.health.due(n.name):
+                polls[n.name] = gpus[n.name] = None  # down and backing off: costs nothing this time
+                continue
+            busy = self._busy.get(n.name)
+            if busy is not None and not busy.done():
+                polls[n.name] = busy  # still running from last time: wait for it, start nothing new
+            else:
+                polls[n.name] = self._busy[n.name] = self._pool.submit(self._poll, n)
+            gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
+        waiting = [f for f in (*polls.values(), *gpus.values()) if f is not None]
+        self._wait(waiting, deadline, cancel, tick)
+        # Then the /api/show calls each node started as soon as its tags came, within what is left.
+        shows = [
+            f
+            for p in polls.values()
+            if p is not None and p.done() and p.exception() is None
+            for f in p.result().shows.values()
+        ]
+        if shows:
+            self._wait(shows, deadline, cancel, tick)
+        nodes = []
+        for n in self.config.nodes:
+            future, gpu_future = polls[n.name], gpus[n.name]
+            if future is None or gpu_future is None:
+                nodes.append(self.health.skipped(n))
+                continue
+            nodes.append(self._judge(n, future, self._gpu_result(gpu_future), self._mono() - start).state)
+        self.health.forget({n.name for n in self.config.nodes})
+        self._info.save()
         return ClusterState(tuple(nodes), observed_at=self._clock())
 
-    def watch(self) -> dict[str, tuple[LoadedModel, ...] | OllamaError]:
-        """Only ``/api/ps`` of every node: the cheap check run between full reconciles."""
-        futures = {name: self._pool.submit(c.ps) for name, c in self.clients.items()}
-        out: dict[str, tuple[LoadedModel, ...] | OllamaError] = {}
-        for name, fut in futures.items():
-            try:
-                out[name] = fut.result()
-            except OllamaError as exc:
-                out[name] = exc
-        return out
+    def _wait(
+        self,
+        futures: Sequence[Future[Any]],
+        deadline: float,
+        cancel: threading.Event | None,
+        tick: Callable[[], object] | None,
+    ) -> None:
+        """Wait for ``futures`` until the deadline, in short slices so cancel and tick are served."""
+        pending = list(futures)
+        while pending:
+            left = deadline - self._mono()
+            if left <= 0 or (cancel is not None and cancel.is_set()):
+                return
+            _, not_done = wait_futures(pending, timeout=min(left, WAIT_SLICE_S))
+            pending = list(not_done)
+            if tick is not None:
+                tick()
+
+    def _judge(self, node: NodeConfig, future: Future[_Polled], gpu: GpuReading, took_s: float) -> Judged:
+        bare = NodeState(node.name, node.url, NodeStatus.UP, gpu=gpu, poll_s=took_s)
+        failure: OllamaError | None = None
+        polled: _Polled | None = None
+        if not future.done():
+            failure = NodeUnreachable(
+                node.name, f"no answer within the observation deadline of {self.deadline_s:g}s"
+            )
+        elif (exc := future.exception()) is not None:
+            failure = exc if isinstance(exc, OllamaError) else OllamaError(node.name, _bug(exc))
+        else:
+            polled = future.result()
+        if failure is not None:
+            judged = self.health.record(bare, failure)
+            if judged.state.status is NodeStatus.DOWN:
+                self._versions.pop(node.name, None)  # it may come back upgraded
+            return replace(judged, state=replace(judged.state, gpu=gpu))
+        assert polled is not None
+        total = gpu.total_bytes if gpu.gpus else None
+        loaded, warnings, suspect = sanitize_loaded(polled.loaded, total)
+        for w in warnings:
+            log.warning("node %s: %s", node.name, w)
+        infos: dict[str, ModelInfo] = {}
+        digests = {m.name: m.digest for m in polled.installed}
+        for m in loaded:
+            digests.setdefault(m.name, m.digest)
+        for name, digest in digests.items():
+            found = self._info.get(digest) if digest else None
+            if found is not None:
+                infos[name] = found if found.name == name else replace(found, name=name)
+        fresh = replace(
+            bare,
+            version=polled.version,
+            loaded=loaded,
+            installed=polled.installed,
+            info=MappingProxyType(infos),
+            warnings=warnings,
+            suspect=suspect,
+        )
+        return self.health.record(fresh, None)
+
+    def _poll(self, node: NodeConfig) -> _Polled:
+        """One node's answers: ps, with tags and version alongside when needed, then its shows."""
+        client = self.clients[node.name]
+        need_tags = (
+            node.name in self._refresh_tags
+            or node.name not in self._tags
+            or self._tags_age.get(node.name, 0) >= TAGS_EVERY - 1
+        )
+        tags_f = self._pool.submit(client.tags) if need_tags else None
+        version_f = self._pool.submit(client.version) if node.name not in self._versions else None
+        loaded = client.ps()
+        seen = frozenset((m.name, m.digest) for m in loaded)
+        if not need_tags and seen != self._ps_seen.get(node.name):
+            tags_f = self._pool.submit(client.tags)  # the loaded set moved: the disk may have too
+        if tags_f is not None:
+            installed = tags_f.result()
+            self._tags[node.name] = installed
+            self._tags_age[node.name] = 0
+            self._refresh_tags.discard(node.name)
+        else:
+            installed = self._tags[node.name]
+            self._tags_age[node.name] = self._tags_age.get(node.name, 0) + 1
+        self._ps_seen[node.name] = seen
+        if version_f is not None:
+            self._versions[node.name] = version_f.result()
+        polled = _Polled(loaded, installed, self._versions.get(node.name))
+        wanted = {m.name: m.digest for m in installed}
+        for m in loaded:
+            wanted.setdefault(m.name, m.digest)
+        for name, digest in wanted.items():
+            key = (name, digest)
+            if digest and self._info.get(digest) is None:
+                with self._lock:
+                    f = self._shows.get(key)
+                    if f is None or (f.done() and f.result() is None):
+                        f = self._shows[key] = self._pool.submit(self._show, node.name, name, digest)
+                polled.shows[key] = f
+        return polled
+
+    def _show(self, node: str, model: str, digest: str) -> ModelInfo | None:
+        try:
+            info = self.clients[node].show(model)
+        except OllamaError as exc:
+            # Sizing falls back to the file size; the next cycle asks again.
+            log.warning("node %s: /api/show %s failed: %s", node, model, exc.message)
+            return None
+        self._info.put(digest, info)
+        return info
 
     def _read_gpu(self, name: str) -> GpuReading:
         try:
@@ -106,86 +520,58 @@ class Observer:
             log.warning("node %s: GPU source failed: %s", name, exc)
             return GpuReading(VramSource.UNKNOWN, (), error=f"GPU source failed: {exc}")
 
-    def _poll_node(self, node: NodeConfig) -> NodeState:
-        client = self.clients[node.name]
-        start = time.monotonic()
-        try:
-            # /api/ps first: if it fails the node is down or broken and the rest is not asked.
-            loaded = client.ps()
-            installed = client.tags()
-            version = self._versions.get(node.name)
-            if version is None:
-                version = self._versions[node.name] = client.version()
-        except OllamaError as exc:
-            self._versions.pop(node.name, None)
-            return NodeState(
-                node.name,
-                node.url,
-                exc.status,
-                error=exc.message,
-                poll_s=time.monotonic() - start,
+    def _gpu_result(self, future: Future[GpuReading]) -> GpuReading:
+        if not future.done():
+            return GpuReading(
+                VramSource.UNKNOWN, (), error=f"GPU source did not answer within {self.deadline_s:g}s"
             )
-        return NodeState(
-            node.name,
-            node.url,
-            NodeStatus.UP,
-            version=version,
-            loaded=loaded,
-            installed=installed,
-            poll_s=time.monotonic() - start,
-        )
+        return future.result()  # _read_gpu never raises
 
-    def _attach_info(self, nodes: list[NodeState]) -> list[NodeState]:
-        """Ask ``/api/show`` once per model digest, from one node that has it, in parallel."""
-        wanted: dict[tuple[str, str], str] = {}
-        for n in nodes:
-            if not n.up:
-                continue
-            for key in n.model_digests().items():
-                if key not in self._info and key not in wanted:
-                    wanted[key] = n.name
-        futures = {key: self._pool.submit(self._show, node, key[0]) for key, node in wanted.items()}
-        for key, fut in futures.items():
-            shown = fut.result()
-            if shown is not None:
-                with self._info_lock:
-                    self._info[key] = shown
-        out = []
-        for n in nodes:
-            if not n.up:
-                out.append(n)
-                continue
-            infos: dict[str, ModelInfo] = {}
-            for key in n.model_digests().items():
-                found = self._info.get(key)
-                if found is not None:
-                    infos[key[0]] = found
-            out.append(replace(n, info=MappingProxyType(infos)))
+    # ------------------------------------------------------------------ watch
+
+    def watch(
+        self, *, cancel: threading.Event | None = None, tick: Callable[[], object] | None = None
+    ) -> dict[str, tuple[LoadedModel, ...] | OllamaError]:
+        """Only ``/api/ps`` of every due node, within one deadline: the cheap check between reconciles.
+
+        Nodes skipped by their down backoff are left out of the result.
+        """
+        deadline = self._mono() + self.deadline_s
+        futures = {name: self._pool.submit(c.ps) for name, c in self.clients.items() if self.health.due(name)}
+        self._wait(list(futures.values()), deadline, cancel, tick)
+        out: dict[str, tuple[LoadedModel, ...] | OllamaError] = {}
+        urls = {n.name: n.url for n in self.config.nodes}
+        for name, fut in futures.items():
+            if not fut.done():
+                result: tuple[LoadedModel, ...] | OllamaError = NodeUnreachable(
+                    name, f"GET /api/ps: no answer within {self.deadline_s:g}s"
+                )
+            elif (exc := fut.exception()) is not None:
+                result = exc if isinstance(exc, OllamaError) else OllamaError(name, _bug(exc))
+            else:
+                result = fut.result()
+            if isinstance(result, OllamaError):
+                # Counted like a failed poll: enough in a row and the node is down (then polled with
+                # backoff). A good answer is judged by the reconcile the watch then asks for.
+                judged = self.health.record(NodeState(name, urls[name], NodeStatus.UP), result)
+                if judged.state.status is NodeStatus.DOWN:
+                    self._versions.pop(name, None)
+            out[name] = result
         return out
 
-    def _show(self, node: str, model: str) -> ModelInfo | None:
-        try:
-            return self.clients[node].show(model)
-        except OllamaError as exc:
-            # Sizing falls back to the file size; the next cycle asks again.
-            log.warning("node %s: /api/show %s failed: %s", node, model, exc.message)
-            return None
 
-    def _log_transition(self, node: NodeState) -> None:
-        before = self._last_status.get(node.name)
-        self._last_status[node.name] = node.status
-        if before == node.status:
-            return
-        if node.up:
-            if before is not None:
-                log.info("node %s is up again", node.name)
-        else:
-            log.warning("node %s is %s: %s", node.name, node.status.value, node.error)
+def _bug(exc: BaseException) -> str:
+    """A one-line reason for an exception an adapter should have turned into a typed error."""
+    log.error("unexpected %s while polling: %s", type(exc).__name__, exc, exc_info=exc)
+    return f"unexpected {type(exc).__name__} while reading its answer"
 
 
-def observe_once(config: Config, **kwargs: object) -> ClusterState:
-    """Observe the cluster one time and release every resource."""
-    observer = Observer(config, **kwargs)  # type: ignore[arg-type]
+def observe_once(config: Config, *, info_cache: InfoCache | None = None, **kwargs: object) -> ClusterState:
+    """Observe the cluster one time and release every resource.
+
+    One poll is all a one-shot command has, so a node that does not answer it is down, not in grace.
+    """
+    observer = Observer(replace(config, down_after=1), info_cache=info_cache, **kwargs)  # type: ignore[arg-type]
     try:
         return observer.observe()
     finally:

@@ -18,11 +18,13 @@ GIB = 1024 * MIB
 
 
 class NodeStatus(str, enum.Enum):
-    """How a node answered the last poll."""
+    """What a node is, judged over its recent polls (see ``observe.NodeHealth``)."""
 
     UP = "up"
-    DOWN = "down"  # could not be reached: refused, DNS, timeout
-    ERROR = "error"  # reached, but answered 5xx, invalid JSON or the wrong shape
+    # Answers, but badly (5xx, bodies it cannot read), or missed fewer polls in a row than down_after.
+    DEGRADED = "degraded"
+    DOWN = "down"  # no answer (refused, DNS, timeout) for down_after polls in a row
+    ERROR = "degraded"  # an alias: what one failed call says about a node that answered badly
 
 
 class VramSource(str, enum.Enum):
@@ -156,6 +158,12 @@ class NodeState:
     installed: tuple[InstalledModel, ...] = ()
     info: Mapping[str, ModelInfo] = field(default_factory=_empty_info)
     poll_s: float = 0.0
+    state_since: datetime | None = None  # when the node entered ``status``
+    # True when loaded/installed/info are the last good poll's, kept through a short failure
+    # (fewer than down_after failed polls) so that one lost answer does not look like lost models.
+    stale: bool = False
+    warnings: tuple[str, ...] = ()  # what was wrong in its answers (rejected or merged /api/ps entries)
+    suspect: frozenset[str] = frozenset()  # models whose /api/ps entry could not be believed
 
     @property
     def up(self) -> bool:

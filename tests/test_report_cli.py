@@ -126,9 +126,9 @@ def test_every_node_state_is_reported_with_its_reason(report_json: dict) -> None
     assert "connection refused" in status["refused"][1]
     assert status["hangs"][0] == "down"
     assert "timed out after 1s" in status["hangs"][1]
-    assert status["broken"][0] == "error"
+    assert status["broken"][0] == "degraded"
     assert "HTTP 500" in status["broken"][1]
-    assert status["garbage"][0] == "error"
+    assert status["garbage"][0] == "degraded"
     assert "invalid JSON" in status["garbage"][1]
     assert report_json["summary"]["nodes_down"] == ["refused", "hangs", "broken", "garbage"]
 
@@ -303,7 +303,8 @@ def test_check_config(config_path: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "OK (7 nodes, 2 priority models)" in out.getvalue()
     env = tmp_path / "env.yaml"
     env.write_text(
-        "nodes:\n  - url: http://127.0.0.1:1\n    name: a\n    ollama_env: {OLLAMA_HOST: 0.0.0.0, OLLAMA_NUM_PARALLEL: 2}\n"
+        "nodes:\n  - url: http://127.0.0.1:1\n    name: a\n"
+        "    ollama_env: {OLLAMA_HOST: 0.0.0.0, OLLAMA_NUM_PARALLEL: 2}\n"
         "ollama_env: {OLLAMA_MODELS: /srv/models, OLLAMA_CONTEXT_LENGTH: 8192}\n"
     )
     out = io.StringIO()
@@ -396,7 +397,8 @@ def test_version_is_asked_once_and_again_after_the_node_was_down(tmp_path: Path)
         node.start()
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"nodes:\n  - {node.url}\nrequest_timeout: 1\nstate_dir: {tmp_path}\n")
-        obs = Observer(load_config(cfg))
+        clock = [1000.0]
+        obs = Observer(load_config(cfg), monotonic=lambda: clock[0])
         try:
 
             def versions() -> int:
@@ -406,8 +408,10 @@ def test_version_is_asked_once_and_again_after_the_node_was_down(tmp_path: Path)
             obs.observe()
             assert versions() == 1
             node.set_fault(Fault.REFUSE)
+            assert obs.observe().nodes[0].status.value == "degraded"  # one lost poll: down after 2
             assert obs.observe().nodes[0].status.value == "down"
             node.clear_fault()
+            clock[0] += 300  # past the down node's backoff
             assert obs.observe().nodes[0].version == "0.12.6"
             assert versions() == 2
         finally:

@@ -76,7 +76,7 @@ def main() -> None:
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        p = plan(state, cfg, learned=sizes)
+        p = plan(state, cfg, needs=sizes)
         times.append(time.perf_counter() - t0)
     verdicts = sum(len(m.fits) for m in p.models)
     print(

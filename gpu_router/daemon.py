@@ -18,11 +18,11 @@ from types import FrameType
 
 from gpu_router.config import Config, ConfigError, load_config
 from gpu_router.executor import ActionResult, Backoff, Executor
-from gpu_router.observe import Observer
+from gpu_router.observe import NodeLinks, Observer
 from gpu_router.ollama import OllamaError
 from gpu_router.planner import Action, ActionKind, Plan, plan
 from gpu_router.state import ClusterState, Processor
-from gpu_router.store import SizeStore, store_for
+from gpu_router.store import InfoCache, SizeStore, info_cache_for, store_for
 from gpu_router.systemd import Notifier, set_level
 
 log = logging.getLogger(__name__)
@@ -49,30 +49,37 @@ class Daemon:
         *,
         notifier: Notifier | None = None,
         dry_run: bool = False,
-        observer_factory: Callable[[Config], Observer] = Observer,
+        observer_factory: Callable[..., Observer] = Observer,
+        links_factory: Callable[[Config], NodeLinks] = NodeLinks,
         store: SizeStore | None = None,
+        info_cache: InfoCache | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
         self.dry_run = dry_run
         self._observer_factory = observer_factory
+        self._links_factory = links_factory
         self._clock = clock
-        self.observer = observer_factory(config)
         self.store = store or store_for(config)
         self.store.load()
+        self.info_cache = info_cache if info_cache is not None else info_cache_for(config)
+        self.links = links_factory(config)
+        self.observer = self._new_observer()
         self.backoff = Backoff(clock=clock)
         self._wake = threading.Event()
         self.executor = self._new_executor()
-        # After a reload, the previous executor (and the observer whose clients it uses) stays
-        # until its sequences finish: its nodes count as busy, and its results are still read.
-        self._retiring: list[tuple[Executor, Observer]] = []
+        # After a reload, the previous executor (and the links its clients belong to) stays until
+        # its sequences finish: its nodes count as busy, and its results are still read.
+        self._retiring: list[tuple[Executor, NodeLinks]] = []
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reconcile_now = threading.Event()
         self.reconciles = 0
         self._expect = _Expect({}, {})
         self._status = "starting"
+        self._repins: dict[str, dict[int, int]] = {}  # model -> context clients reloaded it at -> count
+        self._repin_warned: set[str] = set()
 
     # Signals: set flags, wake the loop, nothing else.
 
@@ -99,10 +106,23 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
 
+    def _new_observer(self) -> Observer:
+        return self._observer_factory(
+            self.config, links=self.links, info_cache=self.info_cache, monotonic=self._clock
+        )
+
     def _new_executor(self) -> Executor:
         return Executor(
-            self.observer.clients, load_timeout_s=self.config.load_timeout_s, on_done=self._wake.set
+            self.links.clients,
+            load_timeout_s=self.config.load_timeout_s,
+            on_done=self._wake.set,
+            clock=self._clock,
         )
+
+    def _tick(self) -> None:
+        """Called while waiting on nodes: keep the watchdog fed whatever they do."""
+        if self.notifier.watchdog_due():
+            self.notifier.watchdog()
 
     # The loop.
 
@@ -184,9 +204,10 @@ class Daemon:
             )
         self.collect_results()
         self.store.save()
-        for _, observer in self._retiring:
-            observer.close()
+        for _, links in self._retiring:
+            links.close()
         self.observer.close()
+        self.links.close()
         log.info("gpu-router stopped")
 
     def _guarded_reconcile(self) -> bool:
@@ -205,17 +226,15 @@ class Daemon:
         """One observe -> plan -> act pass."""
         self.reconciles += 1
         start = self._clock()
-        state = self.observer.observe()
-        if self.store.learn(state):
-            self.store.save()
+        state = self.observer.observe(cancel=self._stop, tick=self._tick)
         p = plan(state, self.config, learned=self.store.sizes, backoff=self.backoff.blocked())
         self._remember(state, p)
-        acted = self._act(p)
+        acted = 0 if self._stop.is_set() else self._act(p, observed_from=start)
         self._set_status(state, p, acted)
         log.debug("reconcile #%d took %.2fs", self.reconciles, self._clock() - start)
         return p
 
-    def _act(self, p: Plan) -> int:
+    def _act(self, p: Plan, *, observed_from: float) -> int:
         if not p.actions:
             return 0
         if not self.config.auto_optimize or self.dry_run:
@@ -230,6 +249,17 @@ class Daemon:
             target = a.for_model or a.model
             if a.node in busy or target in loading:
                 log.debug("deferring %s %s on %s: an action is in flight", a.kind.value, a.model, a.node)
+                continue
+            if any(e.finished_since(a.node, observed_from) for e in self._executors()):
+                # A sequence there ended after this plan's observation began: the plan may be stale
+                # on that node (a load it does not know about). The next reconcile looks again.
+                log.debug(
+                    "deferring %s %s on %s: the node changed since it was observed",
+                    a.kind.value,
+                    a.model,
+                    a.node,
+                )
+                self._reconcile_now.set()
                 continue
             by_node[a.node].append(a)
         started = 0
@@ -246,11 +276,11 @@ class Daemon:
             for r in e.collect():
                 self._log_result(r)
         still = []
-        for e, observer in self._retiring:
+        for e, links in self._retiring:
             if e.busy_nodes():
-                still.append((e, observer))
+                still.append((e, links))
             else:
-                observer.close()
+                links.close()
         self._retiring = still
 
     def _log_result(self, r: ActionResult) -> None:
@@ -266,19 +296,40 @@ class Daemon:
             r.duration_s,
             r.detail,
         )
-        if a.kind is not ActionKind.LOAD:
+        if not r.skipped:
+            self.observer.refresh_tags({a.node})  # what is on disk may have moved too
+        if a.kind is ActionKind.UNLOAD:
             return
         if r.ok:
             self.backoff.succeeded(a.model, a.node)
             if r.observed is not None:  # None for a cpu_fallback load: not on GPU, nothing to watch
                 self._expect.pinned.setdefault(a.node, set()).add(a.model)
-                if self.store.learn_one(a.model, r.observed.size_bytes):
-                    self.store.save()
+            if a.kind is ActionKind.PIN:
+                self._note_repin(a.model, r.observed.context_length if r.observed else None, a.node)
         else:
             delay = self.backoff.failed(a.model, a.node)
             log.warning("not trying %s on %s again for %.0fs", a.model, a.node, delay)
         # Verify changed the picture; look again soon rather than a full interval later.
         self._reconcile_now.set()
+
+    def _note_repin(self, model: str, context: int | None, node: str) -> None:
+        """Warn once when clients keep reloading a priority model at a context of their own."""
+        if context is None:
+            return
+        counts = self._repins.setdefault(model, {})
+        counts[context] = counts.get(context, 0) + 1
+        wanted = next((m.num_ctx for m in self.config.priority_models if m.name == model), None)
+        if counts[context] >= 2 and model not in self._repin_warned and context != wanted:
+            self._repin_warned.add(model)
+            log.warning(
+                "clients keep reloading %s with num_ctx %d (seen %d times, last on %s); gpu-router re-pins "
+                "it each time. Set num_ctx: %d on this priority model so its pin matches them",
+                model,
+                context,
+                counts[context],
+                node,
+                context,
+            )
 
     def _remember(self, state: ClusterState, p: Plan) -> None:
         priority = {m.model for m in p.models if m.priority}
@@ -292,7 +343,7 @@ class Daemon:
 
     def watch(self) -> bool:
         """Cheap drift check; True when something changed that a reconcile should fix."""
-        seen = self.observer.watch()
+        seen = self.observer.watch(cancel=self._stop, tick=self._tick)
         for node, result in seen.items():
             was_up = self._expect.node_up.get(node)
             if isinstance(result, OllamaError):
@@ -338,10 +389,12 @@ class Daemon:
         else:
             # Sequences in flight finish on the old clients; nothing waits for them here.
             self.executor.begin_stop()
-            self._retiring.append((self.executor, self.observer))
+            self._retiring.append((self.executor, self.links))
+            self.observer.close()
             self.collect_results()
             self.config = new
-            self.observer = self._observer_factory(new)
+            self.links = self._links_factory(new)
+            self.observer = self._new_observer()
             self.executor = self._new_executor()
             set_level(new.log_level)
             log.info(

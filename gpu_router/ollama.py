@@ -300,20 +300,24 @@ class OllamaClient:
 
     # Mutating calls: only the executor uses these.
 
-    def load(self, model: str, *, embedding: bool, keep_alive: int | str = -1, timeout_s: float) -> None:
+    def load(
+        self,
+        model: str,
+        *,
+        embedding: bool,
+        keep_alive: int | str = -1,
+        timeout_s: float,
+        options: Mapping[str, object] | None = None,
+    ) -> None:
         """Load ``model`` and pin it. Blocks until the runner is up (Ollama answers then).
 
-        No ``options`` on purpose: a different num_ctx or num_gpu than user traffic sends would make
-        Ollama reload the model on the first real request.
+        ``options`` only when asked for (a priority model's num_ctx): options that differ from what
+        user traffic sends make Ollama reload the model on the first real request.
         """
-        if embedding:
-            self._call(
-                "POST", "/api/embed", {"model": model, "keep_alive": keep_alive}, read_timeout_s=timeout_s
-            )
-        else:
-            self._call(
-                "POST", "/api/generate", {"model": model, "keep_alive": keep_alive}, read_timeout_s=timeout_s
-            )
+        body: dict[str, Any] = {"model": model, "keep_alive": keep_alive}
+        if options:
+            body["options"] = dict(options)
+        self._call("POST", "/api/embed" if embedding else "/api/generate", body, read_timeout_s=timeout_s)
 
     def unload(self, model: str) -> None:
         """Ask Ollama to unload ``model`` (``keep_alive: 0``); it answers at once and unloads async."""

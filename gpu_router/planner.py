@@ -34,6 +34,7 @@ from typing import NamedTuple
 from gpu_router.config import Config, PriorityModel
 from gpu_router.sizing import SizeEstimate, SizeIndex, span_need
 from gpu_router.state import MIB, ClusterState, LoadedModel, NodeState, Processor, VramSource
+from gpu_router.store import SizeKey
 
 # Ollama prints "Forever" for an expiry this far ahead: it was loaded with keep_alive < 0.
 PINNED_AFTER_S = 20 * 365 * 24 * 3600
@@ -62,6 +63,7 @@ class Verdict(str, enum.Enum):
     NOT_ALLOWED = "not_allowed"  # excluded by the priority model's nodes list
     NODE_DOWN = "node_down"
     BACKOFF = "backoff"  # a recent load here failed; the daemon waits before trying again
+    UNCLEAR = "unclear"  # its /api/ps entry there could not be believed: no action on it
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ _FIXED_REASONS = {
     Verdict.NO_GPU: "CPU-only node",
     Verdict.SIZE_UNKNOWN: "size unknown",
     Verdict.BACKOFF: "a recent load here failed; backing off",
+    Verdict.UNCLEAR: "its /api/ps entry there could not be believed; leaving it alone",
 }
 
 
@@ -161,6 +164,7 @@ class ActionKind(str, enum.Enum):
 
     LOAD = "load"
     UNLOAD = "unload"
+    PIN = "pin"  # already fully on GPU, but a client left it with a finite keep_alive: pin it in place
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ class Action:
     gpus: tuple[int, ...] = ()  # GPU indices a load was planned onto
     need_bytes: int = 0  # VRAM a load was planned to take
     on_cpu: bool = False  # a cpu_fallback load: CPU is where it is meant to go
+    num_ctx: int | None = None  # sent as options.num_ctx (None: no options at all)
 
 
 @dataclass(frozen=True)
@@ -346,29 +351,32 @@ def _gc_paused() -> Iterator[None]:
 def plan(
     state: ClusterState,
     config: Config,
-    learned: Mapping[str, int] | None = None,
+    learned: Mapping[SizeKey, int] | None = None,
     backoff: Collection[tuple[str, str]] = (),
+    needs: Mapping[str, int] | None = None,
 ) -> Plan:
     """Decide where every known model should run, and what to do for the priority ones.
 
-    ``learned`` maps model -> size observed earlier; ``backoff`` holds (model, node) pairs whose
-    last load failed recently and are not to be chosen now.
+    ``learned`` holds sizes observed earlier; ``backoff`` holds (model, node) pairs whose last load
+    failed recently and are not to be chosen now; ``needs`` fixes models' needs by name (tests,
+    benchmarks and what-if questions), over every other source.
     """
     with _gc_paused():
-        return _plan(state, config, learned, backoff)
+        return _plan(state, config, learned, backoff, needs)
 
 
 def _plan(
     state: ClusterState,
     config: Config,
-    learned: Mapping[str, int] | None,
+    learned: Mapping[SizeKey, int] | None,
     backoff: Collection[tuple[str, str]],
+    needs: Mapping[str, int] | None,
 ) -> Plan:
     caps = tuple(capacity(n, config) for n in state.nodes)
     cap_by_node = {c.node: c for c in caps}
     room = _Room(caps)
     views = [_view(n, cap_by_node[n.name]) for n in state.nodes]
-    sizes = SizeIndex(state)
+    sizes = SizeIndex(state, needs)
     priority = {p.name: p for p in config.priority_models}
     models = list(priority)
     known: set[str] = set()
@@ -385,7 +393,7 @@ def _plan(
         if i == len(models):
             room.freeze()  # non-priority models are judged, never placed: the room stops changing
         pm = priority.get(name)
-        need = sizes.need(name, _context(config, pm), learned)
+        need = sizes.need(name, _context(config, pm))
         judged = _judge(views, name, need.need_bytes, pm, room, backoff, evicted)
         fits = judged.fits
         if pm is None:
@@ -398,6 +406,7 @@ def _plan(
         reasons = [f"already on GPU on {n}" for n in resident]
         info = state.model_info(name)
         embedding = info.embedding_only if info else False
+        actions.extend(_repins(state, name, resident, embedding, pm))
         if need.need_bytes is not None:
             # New copies: fit now first, best fit; then room made by policy.
             while len(chosen) < wanted:
@@ -431,6 +440,7 @@ def _plan(
                         embedding=embedding,
                         gpus=gpus,
                         need_bytes=need.need_bytes,
+                        num_ctx=pm.num_ctx,
                     )
                 )
                 chosen.append(node_name)
@@ -465,6 +475,8 @@ class _View(NamedTuple):
     n_gpus: int
     loaded: Mapping[str, LoadedModel]
     installed: Collection[str]
+    stale: bool  # degraded, but its last good picture still counts for what is resident there
+    suspect: Collection[str]
     # Verdicts that do not depend on the model, made once per node.
     down: Fit
     not_allowed: Fit
@@ -492,6 +504,8 @@ def _view(node: NodeState, cap: NodeCapacity) -> _View:
         n_gpus=len(usable),
         loaded={m.name: m for m in node.loaded},
         installed={m.name for m in node.installed},
+        stale=node.stale,
+        suspect=node.suspect,
         down=Fit(n, Verdict.NODE_DOWN, note=f"node {node.status.value}: {node.error or 'no answer'}"),
         not_allowed=Fit(n, Verdict.NOT_ALLOWED),
         not_installed=Fit(n, Verdict.NOT_INSTALLED),
@@ -535,16 +549,40 @@ def _judge(
         n_gpus,
         loaded_map,
         installed,
+        stale,
+        suspect,
         down,
         not_allowed,
         not_installed,
         no_gpu,
     ) in views:
         if not up:
-            add(down)
+            held = loaded_map.get(model) if stale else None
+            if held is not None and held.processor is gpu and (allowed is None or name in allowed):
+                # Missed a poll or two, not down yet: what it held still counts, so one lost answer
+                # does not fail a priority model over (and back). Nothing new goes there.
+                add(
+                    Fit(
+                        name,
+                        Verdict.RESIDENT,
+                        (),
+                        (),
+                        None,
+                        None,
+                        held.vram_bytes,
+                        None,
+                        "as of its last answer",
+                    )
+                )
+                resident.append(name)
+            else:
+                add(down)
             continue
         if allowed is not None and name not in allowed:
             add(not_allowed)
+            continue
+        if model in suspect:
+            add(Fit(name, Verdict.UNCLEAR))
             continue
         loaded = loaded_map.get(model)
         if loaded is not None and loaded.processor is gpu and model not in evicted.get(name, ()):
@@ -655,6 +693,29 @@ def _make_room(
     if best is None:
         return None
     return best[1], best[2], best[3], best[4]
+
+
+def _repins(
+    state: ClusterState, model: str, resident: list[str], embedding: bool, pm: PriorityModel
+) -> Iterator[Action]:
+    """Pin in place the copies a client reloaded with a finite keep_alive: they would expire.
+
+    The load goes out with the context the copy runs at (options.num_ctx = its context_length),
+    so Ollama keeps the runner instead of reloading it at another context.
+    """
+    for node_name in resident:
+        node = state.node(node_name)
+        m = node.loaded_model(model) if node is not None and node.up else None
+        if m is None or is_pinned(m, state.observed_at) or m.expires_at is None:
+            continue
+        yield Action(
+            ActionKind.PIN,
+            node_name,
+            model,
+            "pin in place: a client reloaded it with a finite keep_alive",
+            embedding=embedding,
+            num_ctx=m.context_length or pm.num_ctx,
+        )
 
 
 def _load_reason(state: ClusterState, node_name: str, model: str) -> str:

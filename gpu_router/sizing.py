@@ -24,6 +24,7 @@ NUM_BATCH = 512
 class SizeSource(str, enum.Enum):
     """How a size figure was obtained, most trustworthy first."""
 
+    GIVEN = "given"  # fixed by the caller
     OBSERVED = "observed"
     ESTIMATED = "estimated"
     FILE = "file"
@@ -122,7 +123,8 @@ def estimate(info: ModelInfo | None, file_size_bytes: int | None, default_num_ct
 class SizeIndex:
     """What one cluster observation says about every model's size, gathered in one pass."""
 
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, needs: Mapping[str, int] | None = None) -> None:
+        self._needs = needs or {}
         self.observed: dict[str, tuple[int, str]] = {}  # largest size fully on GPU, and where
         self.file_bytes: dict[str, int] = {}
         self._state = state
@@ -137,26 +139,20 @@ class SizeIndex:
                 if inst.size_bytes > self.file_bytes.get(inst.name, 0):
                     self.file_bytes[inst.name] = inst.size_bytes
 
-    def need(
-        self, model: str, default_num_ctx: int, learned: Mapping[str, int] | None = None
-    ) -> SizeEstimate:
+    def need(self, model: str, default_num_ctx: int) -> SizeEstimate:
         """The VRAM ``model`` needs, from the best source available."""
+        given = self._needs.get(model)
+        if given is not None:
+            return SizeEstimate(given, SizeSource.GIVEN, "given by the caller")
         seen = self.observed.get(model)
         if seen is not None:
             return SizeEstimate(seen[0], SizeSource.OBSERVED, f"/api/ps on {seen[1]}, fully on GPU")
-        if learned and learned.get(model):
-            return SizeEstimate(learned[model], SizeSource.OBSERVED, "learned from an earlier /api/ps")
         return estimate(self._state.model_info(model), self.file_bytes.get(model), default_num_ctx)
 
 
-def model_need(
-    state: ClusterState,
-    model: str,
-    default_num_ctx: int,
-    learned: Mapping[str, int] | None = None,
-) -> SizeEstimate:
+def model_need(state: ClusterState, model: str, default_num_ctx: int) -> SizeEstimate:
     """The VRAM ``model`` needs, from the best source available."""
-    return SizeIndex(state).need(model, default_num_ctx, learned)
+    return SizeIndex(state).need(model, default_num_ctx)
 
 
 def span_need(need_bytes: int, gpu_count: int) -> int:

@@ -103,6 +103,6 @@ def config(*priority: str | PriorityModel, nodes: tuple[str, ...] = (), **kw: ob
     )
 
 
-def learned(**sizes_gib: float) -> dict[str, int]:
-    """Learned sizes, so tests control a model's need exactly (names use __ for ':')."""
+def needs(**sizes_gib: float) -> dict[str, int]:
+    """Fixed needs, so tests control a model's need exactly (names use __ for ':')."""
     return {k.replace("__", ":"): gib(v) for k, v in sizes_gib.items()}

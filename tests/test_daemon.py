@@ -30,6 +30,7 @@ from gpu_router.config import load_config
 from gpu_router.daemon import Daemon
 from gpu_router.emulator import EmulatedNode, Fault
 from gpu_router.executor import Backoff
+from gpu_router.state import NodeStatus
 from gpu_router.systemd import Notifier
 
 MakeDaemon = Callable[..., Daemon]
@@ -284,14 +285,22 @@ def test_the_run_loop_recovers_a_restarted_node(make_node: MakeNode, make_daemon
 
 def test_a_restart_while_down_for_a_while_is_recovered(make_node: MakeNode, make_daemon: MakeDaemon) -> None:
     a = make_node("gpu-a", models=(LLAMA32,))
-    daemon = make_daemon([a], [LLAMA32], request_timeout="1s")
+    clock = FakeClock()
+    daemon = make_daemon([a], [LLAMA32], request_timeout="1s", watch_interval="10s", clock=clock)
     settle(daemon)
     a.restart(down_s=1.0, wait=False)
     wait_until(lambda: daemon.watch(), what="the watch to notice the node going down")
-    settle(daemon)  # the node is down: nothing can be done yet, and nothing breaks
+    settle(daemon)  # the second failed poll: the node is down now, nothing can be done, nothing breaks
+    assert daemon.observer.health.status("gpu-a") is NodeStatus.DOWN
     wait_until(lambda: a.running, what="the node to come back")
-    assert daemon.watch() is True  # back up
+    # Down nodes are polled with a backoff (starting at watch_interval): not yet...
+    requests_before = len(a.requests)
+    assert daemon.watch() is False
+    assert len(a.requests) == requests_before, "a down node was polled during its backoff"
+    clock.advance(10)
+    assert daemon.watch() is True  # ...then its first good answer brings it back
     settle(daemon)
+    assert daemon.observer.health.status("gpu-a") is NodeStatus.UP
     assert pinned_on_gpu(a, LLAMA32)
 
 
@@ -357,20 +366,22 @@ def test_a_reload_sends_no_second_load_to_a_node_still_loading(
 def test_failover_to_another_node_and_no_flapping_back(make_node: MakeNode, make_daemon: MakeDaemon) -> None:
     a = make_node("gpu-a", models=(LLAMA32,))
     b = make_node("gpu-b", models=(LLAMA32,))
-    daemon = make_daemon([a, b], [LLAMA32], request_timeout="1s")
+    clock = FakeClock()
+    daemon = make_daemon([a, b], [LLAMA32], request_timeout="1s", watch_interval="10s", clock=clock)
     settle(daemon)
     assert pinned_on_gpu(a, LLAMA32)
     assert ps_entry(b, LLAMA32) is None
 
     a.set_fault(Fault.REFUSE)
-    assert daemon.watch() is True
-    settle(daemon)
+    assert daemon.watch() is True  # the first failed poll: a is degraded, its pin still counts
+    settle(daemon)  # the second: a is down (down_after 2), and the model fails over to b
     assert pinned_on_gpu(b, LLAMA32)
 
     a.restart()  # comes back empty, as after a real crash
     a.clear_fault()
     for n in (a, b):
         n.clear_requests()
+    clock.advance(10)  # a down node is polled again after its backoff
     assert daemon.watch() is True  # "node is back": look again
     settle(daemon, 4)
     for _ in range(4):
@@ -536,11 +547,11 @@ def test_an_unexpected_error_in_a_reconcile_is_logged_and_the_loop_goes_on(
     real = daemon.observer.observe
     calls = {"n": 0}
 
-    def flaky() -> Any:
+    def flaky(**kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("a bug, not a node fault")
-        return real()
+        return real(**kwargs)
 
     daemon.observer.observe = flaky  # type: ignore[method-assign]
     loop = threading.Thread(target=daemon.run, name="daemon-loop", daemon=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from builders import NOW, cluster, config, gib, learned, loaded, node
+from datetime import timedelta
+
+from builders import NOW, cluster, config, gib, loaded, needs, node
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpu_router.config import PriorityModel
 from gpu_router.planner import ActionKind, Placement, Verdict, capacity, plan
-from gpu_router.state import ClusterState, NodeStatus, VramSource
+from gpu_router.state import ClusterState, LoadedModel, NodeStatus, VramSource
 
 M = "m:latest"
 
@@ -40,20 +42,20 @@ def test_priority_model_already_on_gpu_gets_no_action():
 def test_best_fit_takes_the_tightest_gpu_and_keeps_big_holes():
     # 3 GiB fits both; b (8 GiB card, 6.4 usable) leaves less than c (24 GiB card).
     state = cluster(node("c", (24,), installed={M: 2}), node("b", (8,), installed={M: 2}))
-    p = plan(state, config(M), learned=learned(m__latest=3))
+    p = plan(state, config(M), needs=needs(m__latest=3))
     assert actions(p) == [("load", "b", M)]
     assert p.model(M).decision.node == "b"
 
 
 def test_ties_go_to_the_node_listed_first():
     state = cluster(node("x", (8,), installed={M: 2}), node("y", (8,), installed={M: 2}))
-    assert actions(plan(state, config(M), learned=learned(m__latest=3))) == [("load", "x", M)]
+    assert actions(plan(state, config(M), needs=needs(m__latest=3))) == [("load", "x", M)]
 
 
 def test_never_plans_two_models_into_room_for_one():
     # a has 6.4 GiB usable: room for one 4 GiB model, not two.
     state = cluster(node("a", (8,), installed={"p1:latest": 2, "p2:latest": 2}))
-    p = plan(state, config("p1:latest", "p2:latest"), learned=learned(p1__latest=4, p2__latest=4))
+    p = plan(state, config("p1:latest", "p2:latest"), needs=needs(p1__latest=4, p2__latest=4))
     assert actions(p) == [("load", "a", "p1:latest")]
     assert verdicts(p, "p2:latest")["a"] is Verdict.NO_ROOM
     assert p.model("p2:latest").decision.placement is Placement.NONE
@@ -61,7 +63,7 @@ def test_never_plans_two_models_into_room_for_one():
 
 def test_too_large_is_never_placed_and_says_why():
     state = cluster(node("a", (8,), installed={M: 9}))
-    p = plan(state, config(M), learned=learned(m__latest=7))
+    p = plan(state, config(M), needs=needs(m__latest=7))
     assert p.actions == ()
     f = p.model(M).fits[0]
     assert f.verdict is Verdict.TOO_LARGE
@@ -75,7 +77,7 @@ def test_reasons_for_nodes_that_cannot_hold_it():
         node("unknown", (), installed={M: 1}, source=VramSource.UNKNOWN),
         node("missing", (8,)),
     )
-    p = plan(state, config(M), learned=learned(m__latest=2))
+    p = plan(state, config(M), needs=needs(m__latest=2))
     v = verdicts(p)
     assert v == {
         "down": Verdict.NODE_DOWN,
@@ -102,7 +104,7 @@ def test_idle_policy_unloads_idle_models_soonest_expiring_first_never_pinned_or_
     )
     state = cluster(node("a", (8,), loaded_models=models, installed={M: 2}))
     # usable 6.4, used 5 -> free 1.4; M needs 3: unloading "soon" (2) gives 3.4.
-    p = plan(state, config(M), learned=learned(m__latest=3))
+    p = plan(state, config(M), needs=needs(m__latest=3))
     assert actions(p) == [("unload", "a", "soon:latest"), ("load", "a", M)]
     assert p.actions[0].for_model == M
     assert verdicts(p)["a"] is Verdict.FITS_AFTER_EVICTION
@@ -110,9 +112,9 @@ def test_idle_policy_unloads_idle_models_soonest_expiring_first_never_pinned_or_
 
 def test_idle_policy_does_not_touch_a_pinned_model_but_any_does():
     state = cluster(node("a", (8,), loaded_models=(loaded("big:latest", 5, pinned=True),), installed={M: 2}))
-    need = learned(m__latest=3)
-    assert plan(state, config(M), learned=need).actions == ()
-    assert actions(plan(state, config(M, evict="any"), learned=need)) == [
+    need = needs(m__latest=3)
+    assert plan(state, config(M), needs=need).actions == ()
+    assert actions(plan(state, config(M, evict="any"), needs=need)) == [
         ("unload", "a", "big:latest"),
         ("load", "a", M),
     ]
@@ -120,19 +122,33 @@ def test_idle_policy_does_not_touch_a_pinned_model_but_any_does():
 
 def test_never_policy_makes_no_room():
     state = cluster(node("a", (8,), loaded_models=(loaded("x:latest", 5),), installed={M: 2}))
-    assert plan(state, config(M, evict="never"), learned=learned(m__latest=3)).actions == ()
+    assert plan(state, config(M, evict="never"), needs=needs(m__latest=3)).actions == ()
 
 
 def test_a_priority_model_is_never_evicted_for_another():
-    state = cluster(node("a", (8,), loaded_models=(loaded("p1:latest", 5),), installed={"p2:latest": 2}))
-    p = plan(state, config("p1:latest", "p2:latest", evict="any"), learned=learned(p2__latest=3))
+    state = cluster(
+        node("a", (8,), loaded_models=(loaded("p1:latest", 5, pinned=True),), installed={"p2:latest": 2})
+    )
+    p = plan(state, config("p1:latest", "p2:latest", evict="any"), needs=needs(p2__latest=3))
     assert p.actions == ()
+
+
+def test_a_resident_priority_model_with_a_finite_keep_alive_is_pinned_in_place():
+    # A client reloaded it with keep_alive 6s at context 8192: it would expire. It is pinned where it
+    # is, at the context it runs with, so Ollama keeps the runner instead of reloading it.
+    m = LoadedModel("p1:latest", gib(5), gib(5), expires_at=NOW + timedelta(seconds=6), context_length=8192)
+    p = plan(cluster(node("a", (8,), loaded_models=(m,))), config("p1:latest"))
+    assert [(a.kind, a.node, a.model, a.num_ctx) for a in p.actions] == [
+        (ActionKind.PIN, "a", "p1:latest", 8192)
+    ]
+    assert p.model("p1:latest").decision.node == "a"
+    assert verdicts(p, "p1:latest")["a"] is Verdict.RESIDENT
 
 
 def test_fit_without_eviction_is_preferred_over_making_room():
     busy = node("a", (8,), loaded_models=(loaded("x:latest", 5),), installed={M: 2})
     free = node("b", (8,), installed={M: 2})
-    assert actions(plan(cluster(busy, free), config(M), learned=learned(m__latest=3))) == [("load", "b", M)]
+    assert actions(plan(cluster(busy, free), config(M), needs=needs(m__latest=3))) == [("load", "b", M)]
 
 
 def test_partial_priority_model_is_reloaded_only_when_it_will_then_fit():
@@ -151,23 +167,23 @@ def test_partial_priority_model_is_reloaded_only_when_it_will_then_fit():
 
 def test_replicas_go_to_distinct_nodes():
     state = cluster(*(node(n, (8,), installed={M: 2}) for n in "abc"))
-    p = plan(state, config(PriorityModel(M, replicas=2)), learned=learned(m__latest=3))
+    p = plan(state, config(PriorityModel(M, replicas=2)), needs=needs(m__latest=3))
     assert actions(p) == [("load", "a", M), ("load", "b", M)]
     assert p.model(M).decision.nodes == ("a", "b")
-    every = plan(state, config(PriorityModel(M, replicas="all")), learned=learned(m__latest=3))
+    every = plan(state, config(PriorityModel(M, replicas="all")), needs=needs(m__latest=3))
     assert [a.node for a in every.actions] == ["a", "b", "c"]
 
 
 def test_nodes_list_restricts_placement():
     state = cluster(node("a", (8,), installed={M: 2}), node("b", (24,), installed={M: 2}))
-    p = plan(state, config(PriorityModel(M, nodes=("b",))), learned=learned(m__latest=3))
+    p = plan(state, config(PriorityModel(M, nodes=("b",))), needs=needs(m__latest=3))
     assert actions(p) == [("load", "b", M)]
     assert verdicts(p)["a"] is Verdict.NOT_ALLOWED
 
 
 def test_failover_then_no_flap_when_the_node_returns():
     down = cluster(node("a", status=NodeStatus.DOWN, error="refused"), node("b", (8,), installed={M: 2}))
-    assert actions(plan(down, config(M), learned=learned(m__latest=3))) == [("load", "b", M)]
+    assert actions(plan(down, config(M), needs=needs(m__latest=3))) == [("load", "b", M)]
     # a is back (models dropped by its restart); M is on b: nothing moves back.
     back = cluster(
         node("a", (8,), installed={M: 2}), node("b", (8,), loaded_models=(loaded(M, 3, pinned=True),))
@@ -177,9 +193,9 @@ def test_failover_then_no_flap_when_the_node_returns():
 
 def test_cpu_fallback_loads_on_a_cpu_node_only_when_asked():
     state = cluster(node("a", (4,), installed={M: 5}), node("cpu", None, installed={M: 5}))
-    need = learned(m__latest=6)
-    assert plan(state, config(M), learned=need).actions == ()
-    p = plan(state, config(M, cpu_fallback=True), learned=need)
+    need = needs(m__latest=6)
+    assert plan(state, config(M), needs=need).actions == ()
+    p = plan(state, config(M, cpu_fallback=True), needs=need)
     assert actions(p) == [("load", "cpu", M)]
     assert p.model(M).decision.placement is Placement.CPU
     assert "cpu_fallback" in p.model(M).decision.reason
@@ -187,7 +203,7 @@ def test_cpu_fallback_loads_on_a_cpu_node_only_when_asked():
 
 def test_multi_gpu_prefers_one_gpu_and_spans_when_needed():
     n = node("a", (8, 8), installed={M: 2, "big:latest": 9})
-    p = plan(cluster(n), config(M, "big:latest"), learned=learned(m__latest=3, big__latest=9))
+    p = plan(cluster(n), config(M, "big:latest"), needs=needs(m__latest=3, big__latest=9))
     by_model = {a.model: a for a in p.actions}
     assert by_model[M].gpus == (0,)
     # 9 GiB does not fit one 6.4 GiB usable GPU; after M takes 3 on GPU 0, 3.4 + 6.4 is left for 9 + 457 MiB.
@@ -196,7 +212,7 @@ def test_multi_gpu_prefers_one_gpu_and_spans_when_needed():
 
 def test_backoff_pairs_are_skipped():
     state = cluster(node("a", (8,), installed={M: 2}), node("b", (8,), installed={M: 2}))
-    p = plan(state, config(M), learned=learned(m__latest=3), backoff={(M, "a")})
+    p = plan(state, config(M), needs=needs(m__latest=3), backoff={(M, "a")})
     assert actions(p) == [("load", "b", M)]
     assert verdicts(p)["a"] is Verdict.BACKOFF
 
@@ -212,7 +228,7 @@ def test_embedding_only_models_are_loaded_as_such():
 
 def test_non_priority_models_get_a_decision_but_no_action():
     state = cluster(node("a", (8,), installed={"x:latest": 2}))
-    p = plan(state, config(), learned=learned(x__latest=3))
+    p = plan(state, config(), needs=needs(x__latest=3))
     assert p.actions == ()
     m = p.model("x:latest")
     assert not m.priority
@@ -265,7 +281,7 @@ def clusters(draw):
 @given(clusters())
 def test_never_overbooks_a_gpu(case):
     state, cfg, sizes = case
-    p = plan(state, cfg, learned=sizes)
+    p = plan(state, cfg, needs=sizes)
     caps = {c.node: c for c in p.nodes}
     for n in state.nodes:
         loads = [a for a in p.actions if a.node == n.name and a.kind is ActionKind.LOAD]
@@ -288,14 +304,14 @@ def test_never_overbooks_a_gpu(case):
 @given(clusters())
 def test_deterministic(case):
     state, cfg, sizes = case
-    assert plan(state, cfg, learned=sizes) == plan(state, cfg, learned=sizes)
+    assert plan(state, cfg, needs=sizes) == plan(state, cfg, needs=sizes)
 
 
 @settings(max_examples=300, deadline=None)
 @given(clusters())
 def test_a_model_bigger_than_every_usable_gpu_is_never_placed_on_one(case):
     state, cfg, sizes = case
-    p = plan(state, cfg, learned=sizes)
+    p = plan(state, cfg, needs=sizes)
     for a in p.actions:
         if a.kind is not ActionKind.LOAD or not a.gpus:
             continue
@@ -310,7 +326,7 @@ def test_a_model_bigger_than_every_usable_gpu_is_never_placed_on_one(case):
 def test_never_unloads_a_priority_model_for_another(case):
     state, cfg, sizes = case
     prio = {pm.name for pm in cfg.priority_models}
-    for a in plan(state, cfg, learned=sizes).actions:
+    for a in plan(state, cfg, needs=sizes).actions:
         if a.kind is ActionKind.UNLOAD and a.model in prio:
             assert a.for_model == a.model  # only its own partial copy, reloaded in place
 

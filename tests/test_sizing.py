@@ -112,17 +112,15 @@ def test_nothing_known_is_unknown_not_zero():
     assert est.need_bytes is None
 
 
-def test_observed_beats_learned_beats_estimate():
+def test_observed_beats_estimate():
     info = {"m:latest": LLAMA3_8B}
     on_gpu = node("a", loaded_models=(loaded("m:latest", 5.5),), info=info)
     partial = node("b", loaded_models=(loaded("m:latest", 7, 3),), info=info)
-    need = model_need(cluster(partial, on_gpu), "m:latest", 4096, learned={"m:latest": 123})
+    need = model_need(cluster(partial, on_gpu), "m:latest", 4096)
     assert need.source is SizeSource.OBSERVED
     assert "on a" in need.detail
     assert need.need_bytes == loaded("m:latest", 5.5).size_bytes
-    # Partial copies are not proof of the full size: the learned figure wins then.
-    need = model_need(cluster(partial), "m:latest", 4096, learned={"m:latest": 123})
-    assert (need.need_bytes, need.source) == (123, SizeSource.OBSERVED)
+    # Partial copies are not proof of the full size.
     need = model_need(cluster(partial), "m:latest", 4096)
     assert need.source is SizeSource.ESTIMATED
 

@@ -1,8 +1,9 @@
 """Remote GPU memory from a Prometheus exporter's ``/metrics`` page.
 
-Two exporters are understood, recognised by the metric names a scrape carries (see
+Four exporters are understood, recognised by the metric names a scrape carries (see
 :data:`EXPORTER_KINDS`): NVIDIA's dcgm-exporter and utkuozdemir/nvidia_gpu_exporter
-(:mod:`~gpu_router.gpus.exporter_nvidia`). The reading's ``detail`` names the one that matched.
+(:mod:`~gpu_router.gpus.exporter_nvidia`), ROCm's device-metrics-exporter and omnistat
+(:mod:`~gpu_router.gpus.exporter_amd`). The reading's ``detail`` names the one that matched.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3.exceptions
 
+from gpu_router.gpus.exporter_amd import (
+    DEVICE_METRICS_LABEL,
+    OMNISTAT_LABEL,
+    interpret_amd_device_metrics,
+    interpret_omnistat,
+)
 from gpu_router.gpus.exporter_nvidia import DCGM_LABEL, NVIDIA_SMI_LABEL, interpret_dcgm, interpret_nvidia_smi
 from gpu_router.gpus.health import HealthTracker
 from gpu_router.gpus.scrape import ExporterMatch, Sample, parse_prometheus_text
@@ -42,6 +49,10 @@ class ExporterKind:
 EXPORTER_KINDS: tuple[ExporterKind, ...] = (
     ExporterKind(DCGM_LABEL, interpret_dcgm, "dcgm-exporter DCGM_FI_DEV_FB_*"),
     ExporterKind(NVIDIA_SMI_LABEL, interpret_nvidia_smi, "nvidia_gpu_exporter nvidia_smi_memory_*_bytes"),
+    ExporterKind(
+        DEVICE_METRICS_LABEL, interpret_amd_device_metrics, "ROCm device-metrics-exporter gpu_*_vram"
+    ),
+    ExporterKind(OMNISTAT_LABEL, interpret_omnistat, "omnistat rocm_vram_*"),
 )
 
 

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.constructor import SafeConstructor
 
-GpuKind = Literal["auto", "nvml", "exporter", "static", "none"]
+GpuKind = str
+"""``auto`` or a row name of :data:`gpu_router.gpus.kinds.GPU_SOURCE_KINDS` (nvml, amd, exporter...)."""
 EvictPolicy = Literal["never", "idle", "any"]
 
 OLLAMA_SIZING_NAMES = (
@@ -55,7 +56,7 @@ _MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """How to learn a node's GPU memory."""
+    """How to learn a node's GPU memory: ``kind`` is ``auto`` or a GPU source kind's name."""
 
     kind: GpuKind = "auto"
     exporter_url: str | None = None  # kind == "exporter"
@@ -229,7 +230,6 @@ _VAR_REF = re.compile(r"\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _NODE_KEYS = ("url", "name", "gpu", "headers", "ollama_env", "ca_file", "tls_verify")
-_GPU_KEYS = ("exporter", "vram_mb")
 _MODEL_KEYS = ("name", "replicas", "nodes", "num_ctx", "pull")
 # Keys that once existed: a config that still has one gets told what replaced it, not "unknown key".
 _REMOVED_KEYS = {
@@ -711,41 +711,54 @@ class _Walker:
         return tuple(out)
 
     def gpu(self, node: yaml.Node, key: str) -> GpuSpec:
-        expected = "auto, nvml, none, {exporter: URL} or {vram_mb: N}"
+        # Imported here, not at the top: the gpus package imports this module's types.
+        from gpu_router.gpus import kinds
+
+        expected = kinds.config_syntax()
+        words = kinds.config_words()
         if isinstance(node, yaml.ScalarNode):
             if node.tag != _STR:
                 self.type_error(node, key, expected)
             text = str(node.value).strip().lower()
-            if text in ("auto", "nvml", "none"):
-                return GpuSpec(kind=cast(GpuKind, text))
-            if text == "exporter":
-                self.fail(node, key, "an exporter needs its URL: gpu: {exporter: http://HOST:9400/metrics}")
-            if text == "static":
-                self.fail(node, key, "static sizes go in vram_mb: gpu: {vram_mb: [24576]}")
-            hint = _did_you_mean(text, ("auto", "nvml", "none"))
+            if text in words:
+                return GpuSpec(kind=text)
+            written = kinds.kind_named(text) or kinds.kind_for_key(text)
+            if written is not None and written.value == "url":
+                self.fail(
+                    node,
+                    key,
+                    f"an {written.name} needs its URL: gpu: {{{written.config_key}: http://HOST:9400/metrics}}",
+                )
+            if written is not None and written.value == "mib":
+                where = written.config_key
+                self.fail(node, key, f"{written.name} sizes go in {where}: gpu: {{{where}: [24576]}}")
+            hint = _did_you_mean(text, words)
             self.fail(node, key, f"expected {expected}, got {self.describe(node)}{hint}")
-        pairs = self.mapping(node, key, expected, _GPU_KEYS)
+        mapping_keys = kinds.config_keys()
+        pairs = self.mapping(node, key, expected, mapping_keys)
         if len(pairs) != 1:
-            self.fail(node, key, "give exactly one of exporter: or vram_mb:")
-        if "exporter" in pairs:
-            url, _ = self.url(pairs["exporter"][1], _join(key, "exporter"), exporter=True)
-            return GpuSpec(kind="exporter", exporter_url=url)
-        vram_node = pairs["vram_mb"][1]
-        vram_key = _join(key, "vram_mb")
+            self.fail(node, key, f"give exactly one of {' or '.join(k + ':' for k in mapping_keys)}")
+        ((config_key, (_, value_node)),) = pairs.items()
+        kind = kinds.kind_for_key(config_key)
+        assert kind is not None  # self.mapping() admitted only the table's keys
+        value_key = _join(key, config_key)
+        if kind.value == "url":
+            url, _ = self.url(value_node, value_key, exporter=True)
+            return GpuSpec(kind=kind.name, exporter_url=url)
         expected_mb = "a number of MiB or a list of them (one per GPU)"
-        if isinstance(vram_node, yaml.SequenceNode):
-            items = [(item, f"{vram_key}[{i}]") for i, item in enumerate(vram_node.value)]
+        if isinstance(value_node, yaml.SequenceNode):
+            items = [(item, f"{value_key}[{i}]") for i, item in enumerate(value_node.value)]
             if not items:
-                self.fail(vram_node, vram_key, "must list at least one GPU")
+                self.fail(value_node, value_key, "must list at least one GPU")
         else:
-            items = [(vram_node, vram_key)]
+            items = [(value_node, value_key)]
         sizes: list[int] = []
         for item, item_key in items:
             mib = self.number(item, item_key, expected_mb)
             if mib <= 0:
                 self.fail(item, item_key, f"must be > 0 MiB, got {item.value}")
             sizes.append(round(mib * _MIB))
-        return GpuSpec(kind="static", vram_bytes=tuple(sizes))
+        return GpuSpec(kind=kind.name, vram_bytes=tuple(sizes))
 
     def ca_file(self, node: yaml.Node, key: str) -> str:
         path = self.absolute_path(node, key)

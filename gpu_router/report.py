@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from gpu_router import __version__
+from gpu_router.gpus.kinds import source_label
 from gpu_router.planner import Fit, ModelPlan, Plan, Verdict, is_pinned
 from gpu_router.state import GIB, MIB, ClusterState
 
@@ -80,6 +81,7 @@ def build_report(state: ClusterState, plan: Plan) -> Json:
                 "error": n.error,
                 "version": n.version,
                 "vram_source": n.gpu.source.value,
+                "vram_source_detail": source_label(n.gpu.source, n.gpu.detail),
                 "vram_error": n.gpu.error,
                 "gpus": [
                     {
@@ -90,6 +92,12 @@ def build_report(state: ClusterState, plan: Plan) -> Json:
                         "used_bytes": g.used_bytes,
                         "free_bytes": g.free_bytes,
                         "usable_bytes": usable[g.index].usable_bytes if g.index in usable else None,
+                        "pci_bus_id": g.pci_bus_id,
+                        "integrated": g.integrated,
+                        "utilization_ratio": g.utilization_ratio,
+                        "temperature_c": g.temperature_c,
+                        "healthy": g.healthy,
+                        "health_reason": g.health_reason,
                     }
                     for g in n.gpu.gpus
                 ],
@@ -182,6 +190,21 @@ _VERDICT_SHORT = {
 MATRIX_MAX_NODES = 8
 
 
+def _gpu_cell(g: Json) -> str:
+    """``0: NVIDIA L4 22.5 GiB (37% busy, 61 C)``; an unhealthy GPU says so and why."""
+    size = "?" if not g["healthy"] and not g["total_bytes"] else gib(g["total_bytes"])
+    extras = []
+    if not g["healthy"]:
+        extras.append(f"UNHEALTHY: {g['health_reason'] or 'no reason given'}")
+    if g["integrated"]:
+        extras.append("integrated")
+    if g["utilization_ratio"] is not None:
+        extras.append(f"{g['utilization_ratio'] * 100:.0f}% busy")
+    if g["temperature_c"] is not None:
+        extras.append(f"{g['temperature_c']:.0f} C")
+    return f"{g['index']}: {g['name']} {size}" + (f" ({', '.join(extras)})" if extras else "")
+
+
 def node_tables(report: Json) -> list[Table]:
     """The nodes, their GPUs and what is loaded on them."""
     rows = []
@@ -189,14 +212,14 @@ def node_tables(report: Json) -> list[Table]:
         if n["status"] != "up":
             gpus = "-"
         elif n["gpus"]:
-            gpus = "; ".join(f"{g['index']}: {g['name']} {gib(g['total_bytes'])}" for g in n["gpus"])
+            gpus = "; ".join(_gpu_cell(g) for g in n["gpus"])
         else:
             gpus = "none" if n["vram_source"] == "none" else f"unknown ({n['vram_error'] or 'no source'})"
         rows.append(
             (
                 n["name"],
                 n["status"] if n["status"] == "up" else f"{n['status']}: {n['error']}",
-                n["vram_source"],
+                n["vram_source_detail"],
                 gpus,
                 gib(n["usable_vram_bytes"]) if n["vram_source"] != "none" else "-",
                 gib(n["free_vram_bytes"]) if n["vram_source"] != "none" else "-",

@@ -31,6 +31,7 @@ class VramSource(str, enum.Enum):
     """Where a node's GPU memory figures came from."""
 
     NVML = "nvml"
+    AMD = "amd"  # this machine's AMD GPUs, read from the amdgpu driver's sysfs files
     EXPORTER = "exporter"
     STATIC = "static"
     NONE = "none"  # configured CPU-only
@@ -47,7 +48,14 @@ class Processor(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU's memory. ``used_bytes``/``free_bytes`` are None when the source gives only a total."""
+    """One GPU as its source saw it.
+
+    ``used_bytes``/``free_bytes`` are None when the source gives only a total. ``utilization_ratio``
+    (0..1) and ``temperature_c`` are None when unknown, never 0 for "not supported". An unhealthy GPU
+    (``healthy=False``, the reason in ``health_reason``) keeps what is known of it, so the report can
+    show it: its memory figures are the last ones read, or a 0 total when it was never read, and must
+    not be planned on. An ``integrated`` GPU shares system memory, which its figures include.
+    """
 
     index: int
     name: str
@@ -55,15 +63,31 @@ class Gpu:
     used_bytes: int | None = None
     free_bytes: int | None = None
     uuid: str = ""
+    pci_bus_id: str = ""
+    utilization_ratio: float | None = None
+    temperature_c: float | None = None
+    healthy: bool = True
+    health_reason: str = ""
+    integrated: bool = False
+
+    @property
+    def key(self) -> str:
+        """A stable identity across reads: the UUID, else the index (what per-GPU state is keyed by)."""
+        return self.uuid or f"index:{self.index}"
 
 
 @dataclass(frozen=True)
 class GpuReading:
-    """The result of asking one GPU source about one node."""
+    """The result of asking one GPU source about one node.
+
+    ``detail`` names what answered when the source kind alone does not say (which exporter matched a
+    scrape, e.g. ``dcgm-exporter``); empty otherwise.
+    """
 
     source: VramSource
     gpus: tuple[Gpu, ...] = ()
     error: str | None = None  # why the source could not answer, for the report
+    detail: str = ""
 
     @property
     def total_bytes(self) -> int:

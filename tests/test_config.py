@@ -444,21 +444,21 @@ BAD = [
     (
         "nodes:\n  - url: http://a\n    gpu: nvidia\n",
         (
-            "config.yaml:3: nodes[0].gpu: expected auto, nvml, none, {exporter: URL} or {vram_mb: "
+            "config.yaml:3: nodes[0].gpu: expected auto, nvml, amd, none, {exporter: URL} or {vram_mb: "
             "N}, got a string 'nvidia'"
         ),
     ),
     (
         "nodes:\n  - url: http://a\n    gpu: nvm\n",
         (
-            "config.yaml:3: nodes[0].gpu: expected auto, nvml, none, {exporter: URL} or {vram_mb: "
+            "config.yaml:3: nodes[0].gpu: expected auto, nvml, amd, none, {exporter: URL} or {vram_mb: "
             "N}, got a string 'nvm' (did you mean 'nvml'?)"
         ),
     ),
     (
         "nodes:\n  - url: http://a\n    gpu: false\n",
         (
-            "config.yaml:3: nodes[0].gpu: expected auto, nvml, none, {exporter: URL} or {vram_mb: "
+            "config.yaml:3: nodes[0].gpu: expected auto, nvml, amd, none, {exporter: URL} or {vram_mb: "
             "N}, got a boolean (false)"
         ),
     ),
@@ -469,7 +469,7 @@ BAD = [
     (
         "nodes:\n  - url: http://a\n    gpu: [8192]\n",
         (
-            "config.yaml:3: nodes[0].gpu: expected auto, nvml, none, {exporter: URL} or {vram_mb: "
+            "config.yaml:3: nodes[0].gpu: expected auto, nvml, amd, none, {exporter: URL} or {vram_mb: "
             "N}, got a list"
         ),
     ),

@@ -14,15 +14,9 @@ import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpu_router.gpus.exporter import (
-    ExporterSource,
-    PromParseError,
-    interpret_dcgm,
-    interpret_nvidia_smi,
-    parse_prometheus_text,
-    parse_sample_line,
-    redact_url,
-)
+from gpu_router.gpus.exporter import ExporterSource, redact_url
+from gpu_router.gpus.exporter_nvidia import interpret_dcgm, interpret_nvidia_smi
+from gpu_router.gpus.scrape import PromParseError, parse_prometheus_text, parse_sample_line
 from gpu_router.state import MIB, GpuReading, VramSource
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exporter"
@@ -255,9 +249,10 @@ def test_nvidia_smi_index_metric_is_used_without_gpu_info() -> None:
         'nvidia_smi_memory_used_bytes{uuid="b"} 2e+09\n'
         'nvidia_smi_memory_reserved_bytes{uuid="b"} 1e+09\n'
     )
-    gpus, problems, seen = interpret_nvidia_smi(samples)
-    assert problems == []
-    assert seen == 5
+    match = interpret_nvidia_smi(samples)
+    gpus = match.gpus
+    assert match.problems == ()
+    assert match.seen == 5
     assert [(g.index, g.uuid) for g in gpus] == [(0, "b"), (1, "a")]
     assert gpus[0].name == "GPU 0"
     # no free figure: free = total - used - reserved
@@ -269,15 +264,15 @@ def test_mig_only_dcgm_scrape_explains_itself() -> None:
     samples, _ = parse_prometheus_text(
         'DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-x",GPU_I_PROFILE="1g.10gb",GPU_I_ID="7"} 9000\n'
     )
-    gpus, problems, seen = interpret_dcgm(samples)
-    assert gpus == []
-    assert seen == 1
-    assert problems == ["only MIG instance memory is exported; MIG partitions are not supported"]
+    match = interpret_dcgm(samples)
+    assert match.gpus == ()
+    assert match.seen == 1
+    assert match.problems == ("only MIG instance memory is exported; MIG partitions are not supported",)
 
 
 def test_dcgm_total_only_gives_total_with_unknown_usage() -> None:
     samples, _ = parse_prometheus_text('DCGM_FI_DEV_FB_TOTAL{gpu="2",modelName="NVIDIA A10"} 23028\n')
-    (gpu,) = interpret_dcgm(samples)[0]
+    (gpu,) = interpret_dcgm(samples).gpus
     assert (gpu.index, gpu.name, gpu.total_bytes) == (2, "NVIDIA A10", 23028 * MIB)
     assert gpu.used_bytes is None
     assert gpu.free_bytes is None
@@ -341,3 +336,96 @@ def test_any_escaped_label_value_round_trips(value: str) -> None:
 def test_redact_url_keeps_host_port_and_path() -> None:
     assert redact_url("http://u:p@[::1]:9400/metrics?x=1") == "http://[::1]:9400/metrics?x=1"
     assert redact_url("http://h:9400/metrics") == "http://h:9400/metrics"
+
+
+# -- utilization, temperature and health --------------------------------------------------------------------
+
+
+def test_which_exporter_matched_is_in_the_reading(server: ExporterServer) -> None:
+    assert read(server.serve_file("/a", "dcgm_fb_mib.prom")).detail == "dcgm-exporter"
+    assert read(server.serve_file("/b", "nvidia_gpu_exporter_two_gpus.prom")).detail == "nvidia_gpu_exporter"
+
+
+def test_dcgm_utilization_and_temperature() -> None:
+    samples, _ = parse_prometheus_text(
+        'DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-a"} 1000\n'
+        'DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-a"} 3000\n'
+        'DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-a"} 42\n'
+        'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-a"} 67\n'
+        'DCGM_FI_DEV_FB_FREE{gpu="1",UUID="GPU-b"} 1000\n'
+        'DCGM_FI_DEV_FB_USED{gpu="1",UUID="GPU-b"} 0\n'
+        'DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-b"} 9223372036854775794\n'
+        'DCGM_FI_DEV_GPU_TEMP{gpu="1",UUID="GPU-b"} 0\n'
+        'DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-a",GPU_I_PROFILE="1g.10gb",GPU_I_ID="7"} 99\n'
+    )
+    a, b = interpret_dcgm(samples).gpus
+    assert (a.utilization_ratio, a.temperature_c) == (0.42, 67.0)
+    # a sentinel and a 0 C sensor are unknown, not 0
+    assert (b.utilization_ratio, b.temperature_c) == (None, None)
+
+
+def test_dcgm_fixture_utilization_zero_is_kept(server: ExporterServer) -> None:
+    gpu0, gpu1 = read(server.serve_file("/metrics", "dcgm_fb_mib.prom")).gpus
+    assert gpu0.utilization_ratio == 0.0  # DCGM_FI_DEV_GPU_UTIL 0: idle
+    assert gpu1.utilization_ratio is None  # not exported for GPU 1
+    assert gpu0.temperature_c is None  # only the memory temperature (a sentinel) is in the file
+
+
+def test_real_nvidia_gpu_exporter_scrape_has_utilization_and_temperature(server: ExporterServer) -> None:
+    reading = read(server.serve_file("/metrics", "nvidia_gpu_exporter_h100_load.prom"))
+    (gpu,) = reading.gpus
+    assert (gpu.name, gpu.utilization_ratio, gpu.temperature_c) == ("NVIDIA H100 80GB HBM3", 1.0, 59.0)
+    assert gpu.healthy
+
+
+def test_nvidia_gpu_exporter_two_gpus_utilization(server: ExporterServer) -> None:
+    h100, rtx = read(server.serve_file("/metrics", "nvidia_gpu_exporter_two_gpus.prom")).gpus
+    assert (h100.utilization_ratio, rtx.utilization_ratio) == (1.0, 0.0)
+    assert (h100.temperature_c, rtx.temperature_c) == (None, None)
+
+
+def dcgm_body(xid_gpu1: int, count_gpu1: int | None = None) -> bytes:
+    rows = [
+        'DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-a"} 1000',
+        'DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-a"} 1000',
+        'DCGM_FI_DEV_XID_ERRORS{gpu="0",UUID="GPU-a"} 0',
+        'DCGM_FI_DEV_FB_FREE{gpu="1",UUID="GPU-b"} 1000',
+        'DCGM_FI_DEV_FB_USED{gpu="1",UUID="GPU-b"} 1000',
+        f'DCGM_FI_DEV_XID_ERRORS{{gpu="1",UUID="GPU-b"}} {xid_gpu1}',
+    ]
+    if count_gpu1 is not None:
+        rows.append(f'DCGM_EXP_XID_ERRORS_COUNT{{gpu="1",UUID="GPU-b",xid="31"}} {count_gpu1}')
+        rows.append('DCGM_EXP_XID_ERRORS_COUNT{gpu="1",UUID="GPU-b",xid="13"} 1')
+    return ("\n".join(rows) + "\n").encode()
+
+
+def test_a_new_xid_between_scrapes_makes_that_gpu_unhealthy(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(body=dcgm_body(0))
+    source = ExporterSource(server.url("/metrics"), TIMEOUT_S)
+    try:
+        assert [g.healthy for g in source.read().gpus] == [True, True]
+        server.routes["/metrics"] = Route(body=dcgm_body(79))
+        a, b = source.read().gpus
+        assert a.healthy
+        assert (b.healthy, b.health_reason) == (False, "new XID error 79 since the previous scrape")
+        # the gauge keeps showing 79: no new error, but the GPU stays out for the hold period
+        assert not source.read().gpus[1].healthy
+    finally:
+        source.close()
+
+
+def test_an_old_xid_at_the_first_scrape_is_not_an_error(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(body=dcgm_body(48))
+    assert [g.healthy for g in read(server.url("/metrics")).gpus] == [True, True]
+
+
+def test_a_rising_xid_window_count_is_a_new_error(server: ExporterServer) -> None:
+    server.routes["/metrics"] = Route(body=dcgm_body(31, count_gpu1=1))
+    source = ExporterSource(server.url("/metrics"), TIMEOUT_S)
+    try:
+        assert source.read().gpus[1].healthy
+        server.routes["/metrics"] = Route(body=dcgm_body(31, count_gpu1=2))
+        gpu = source.read().gpus[1]
+        assert (gpu.healthy, gpu.health_reason) == (False, "new XID error 31 since the previous scrape")
+    finally:
+        source.close()

@@ -1,10 +1,11 @@
-"""make_gpu_source for every GpuSpec kind, and hostinfo.is_local_host."""
+"""make_gpu_source for every GpuSpec kind, AutoSource, and hostinfo.is_local_host."""
 
 from __future__ import annotations
 
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -15,6 +16,8 @@ from gpu_router import hostinfo
 from gpu_router.config import GpuSpec, NodeConfig
 from gpu_router.gpus import (
     REMOTE_AUTO_ERROR,
+    AmdSysfsSource,
+    AutoSource,
     ExporterSource,
     GpuSource,
     NoGpuSource,
@@ -23,20 +26,26 @@ from gpu_router.gpus import (
     UnknownSource,
     make_gpu_source,
 )
+from gpu_router.gpus.kinds import Builder
 from gpu_router.hostinfo import is_local_host
-from gpu_router.state import GIB, GpuReading, VramSource
+from gpu_router.state import GIB, Gpu, GpuReading, VramSource
 
 
 class MarkerSource:
-    """Stands in for NvmlSource so a test can see that the factory chose NVML."""
+    """Stands in for a local source so a test can see which one the factory chose and when it is closed."""
 
-    kind = VramSource.NVML
+    def __init__(self, reading: GpuReading | None = None, kind: VramSource = VramSource.NVML) -> None:
+        self.kind = kind
+        self.reading = reading if reading is not None else GpuReading(kind, (Gpu(0, "marker", 8 * GIB),))
+        self.reads = 0
+        self.closed = False
 
     def read(self) -> GpuReading:
-        return GpuReading(VramSource.NVML, ())
+        self.reads += 1
+        return self.reading
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def node(url: str = "http://gpu01:11434", **gpu: Any) -> NodeConfig:
@@ -47,10 +56,21 @@ def never_local(host: str) -> bool:
     raise AssertionError(f"is_local must not be consulted, got {host!r}")
 
 
-def test_nvml_kind_uses_the_nvml_factory() -> None:
+def builders(**sources: GpuSource) -> dict[str, Builder]:
+    """Factory overrides that hand out the given sources by kind name."""
+    return {name: (lambda spec, timeout_s, s=source: s) for name, source in sources.items()}
+
+
+def test_nvml_kind_uses_the_nvml_builder() -> None:
     marker = MarkerSource()
-    source = make_gpu_source(node(kind="nvml"), 5.0, nvml_factory=lambda: marker, is_local=never_local)
+    source = make_gpu_source(node(kind="nvml"), 5.0, builders=builders(nvml=marker), is_local=never_local)
     assert source is marker
+
+
+def test_amd_kind_builds_an_amd_sysfs_source() -> None:
+    source = make_gpu_source(node(kind="amd"), 5.0, is_local=never_local)
+    assert isinstance(source, AmdSysfsSource)
+    assert source.kind is VramSource.AMD
 
 
 def test_exporter_kind_builds_an_exporter_source_with_url_and_timeout() -> None:
@@ -69,6 +89,11 @@ def test_exporter_kind_without_url_is_unknown_not_a_crash() -> None:
     assert reading.source is VramSource.UNKNOWN
     assert reading.error is not None
     assert "no exporter URL" in reading.error
+
+
+def test_an_unknown_kind_name_is_unknown_not_a_crash() -> None:
+    reading = make_gpu_source(node(kind="tpu"), 3.0, is_local=never_local).read()
+    assert reading == GpuReading(VramSource.UNKNOWN, (), error="unknown GPU source kind 'tpu'")
 
 
 def test_static_kind_reports_totals_only() -> None:
@@ -91,23 +116,65 @@ def test_none_kind_is_a_cpu_only_node_without_error() -> None:
     assert source.read() == GpuReading(VramSource.NONE, (), error=None)
 
 
-def test_auto_on_this_machine_uses_nvml() -> None:
+def test_auto_on_this_machine_tries_nvml_first_and_keeps_it() -> None:
     seen: list[str] = []
 
     def local(host: str) -> bool:
         seen.append(host)
         return True
 
-    marker = MarkerSource()
-    source = make_gpu_source(node("http://gpu01:11434"), 5.0, nvml_factory=lambda: marker, is_local=local)
-    assert source is marker
+    nvml, amd = MarkerSource(), MarkerSource(kind=VramSource.AMD)
+    source = make_gpu_source(
+        node("http://gpu01:11434"), 5.0, builders=builders(nvml=nvml, amd=amd), is_local=local
+    )
+    assert isinstance(source, AutoSource)
     assert seen == ["gpu01"]
+    assert source.kind is VramSource.UNKNOWN  # nothing chosen before the first read
+    assert source.read() is nvml.reading
+    assert source.kind is VramSource.NVML
+    assert amd.reads == 0
+    assert amd.closed, "the candidate not chosen is released"
+    source.read()
+    assert (nvml.reads, amd.reads) == (2, 0)
+    source.close()
+    assert nvml.closed
+
+
+def test_auto_on_this_machine_falls_back_to_amd_when_nvml_finds_nothing() -> None:
+    no_driver = GpuReading(
+        VramSource.UNKNOWN, (), error="NVML: no NVIDIA driver (NVML Shared Library Not Found)"
+    )
+    nvml, amd = MarkerSource(no_driver), MarkerSource(kind=VramSource.AMD)
+    source = make_gpu_source(
+        node("http://127.0.0.1:11434"), 5.0, builders=builders(nvml=nvml, amd=amd), is_local=lambda h: True
+    )
+    assert source.read() is amd.reading
+    assert source.kind is VramSource.AMD
+    assert nvml.closed
+    source.read()
+    assert (nvml.reads, amd.reads) == (1, 2), "once AMD found GPUs, NVML is not asked again"
+
+
+def test_auto_keeps_asking_until_a_driver_appears() -> None:
+    nothing = GpuReading(VramSource.NVML, (), error="NVML: the driver reports no GPUs")
+    nvml = MarkerSource(nothing)
+    amd = MarkerSource(GpuReading(VramSource.UNKNOWN, (), error="AMD sysfs: no AMD GPU"), kind=VramSource.AMD)
+    source = make_gpu_source(
+        node("http://127.0.0.1:11434"), 5.0, builders=builders(nvml=nvml, amd=amd), is_local=lambda h: True
+    )
+    first = source.read()
+    assert first == GpuReading(
+        VramSource.UNKNOWN,
+        (),
+        error="no GPU found on this machine: NVML: the driver reports no GPUs; AMD sysfs: no AMD GPU",
+    )
+    nvml.reading = GpuReading(VramSource.NVML, (Gpu(0, "late", 8 * GIB),))
+    assert source.read().gpus[0].name == "late"
+    assert source.kind is VramSource.NVML
 
 
 def test_auto_on_a_remote_node_is_unknown_and_says_how_to_configure() -> None:
-    source = make_gpu_source(
-        node("http://gpu02:11434"), 5.0, nvml_factory=MarkerSource, is_local=lambda host: False
-    )
+    source = make_gpu_source(node("http://gpu02:11434"), 5.0, is_local=lambda host: False)
     assert isinstance(source, UnknownSource)
     reading = source.read()
     assert reading == GpuReading(VramSource.UNKNOWN, (), error=REMOTE_AUTO_ERROR)
@@ -119,11 +186,11 @@ def test_auto_on_a_remote_node_is_unknown_and_says_how_to_configure() -> None:
 
 def test_auto_passes_a_bare_ipv6_host_to_is_local() -> None:
     seen: list[str] = []
-    make_gpu_source(node("http://[::1]:11434"), 5.0, nvml_factory=MarkerSource, is_local=seen.append)  # type: ignore[arg-type]
+    make_gpu_source(node("http://[::1]:11434"), 5.0, is_local=seen.append)  # type: ignore[arg-type]
     assert seen == ["::1"]
 
 
-def test_auto_local_without_a_driver_is_unknown_not_none() -> None:
+def test_auto_local_without_any_driver_is_unknown_not_none(tmp_path: Path) -> None:
     class NoDriver:
         NVMLError = pynvml.NVMLError
         NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
@@ -131,19 +198,26 @@ def test_auto_local_without_a_driver_is_unknown_not_none() -> None:
         def nvmlInit(self) -> None:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
-    def factory() -> GpuSource:
-        return NvmlSource(NoDriver())  # type: ignore[arg-type]
-
+    (tmp_path / "class" / "drm").mkdir(parents=True)
     source = make_gpu_source(
-        node("http://127.0.0.1:11434"), 5.0, nvml_factory=factory, is_local=lambda h: True
+        node("http://127.0.0.1:11434"),
+        5.0,
+        builders={
+            "nvml": lambda spec, t: NvmlSource(NoDriver()),  # type: ignore[arg-type]
+            "amd": lambda spec, t: AmdSysfsSource(tmp_path),
+        },
+        is_local=lambda h: True,
     )
     reading = source.read()
     assert reading.source is VramSource.UNKNOWN
     assert reading.gpus == ()
-    assert reading.error == "NVML: no NVIDIA driver (NVML Shared Library Not Found)"
+    assert reading.error == (
+        "no GPU found on this machine: NVML: no NVIDIA driver (NVML Shared Library Not Found); "
+        f"AMD sysfs: no AMD GPU (vendor 0x1002) under {tmp_path}/class/drm"
+    )
 
 
-def test_default_nvml_factory_gives_an_nvml_source() -> None:
+def test_default_builders_give_real_sources() -> None:
     source = make_gpu_source(node(kind="nvml"), 5.0)
     assert isinstance(source, NvmlSource)
     source.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 import types
@@ -33,6 +34,10 @@ class FakeDevice:
     lost: bool = False  # every call about this device raises GpuIsLost
     v2_error: int | None = None  # raised by the v2 memory call only
     memory_error: int | None = None  # raised by both memory calls
+    utilization_percent: int = 37
+    utilization_error: int | None = None
+    temperature_c: int = 61
+    temperature_error: int | None = None
 
 
 class FakeNvml(types.ModuleType):
@@ -102,6 +107,19 @@ class FakeNvml(types.ModuleType):
                 used=dev.total - dev.free - dev.reserved,
             )
         return types.SimpleNamespace(total=dev.total, free=dev.free, used=dev.total - dev.free)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> types.SimpleNamespace:
+        dev = self._device(handle)
+        if dev.utilization_error is not None:
+            raise nvml_error(dev.utilization_error)
+        return types.SimpleNamespace(gpu=dev.utilization_percent, memory=0)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        assert sensor == pynvml.NVML_TEMPERATURE_GPU
+        dev = self._device(handle)
+        if dev.temperature_error is not None:
+            raise nvml_error(dev.temperature_error)
+        return dev.temperature_c
 
 
 class OldBindings(FakeNvml):
@@ -199,32 +217,117 @@ def test_two_healthy_gpus_report_used_as_total_minus_free() -> None:
     assert "mem_v1:0" not in fake.calls
 
 
-def test_one_lost_gpu_of_two_is_skipped_and_named_in_the_error() -> None:
+def test_one_lost_gpu_of_two_is_reported_unhealthy_not_dropped() -> None:
     fake = FakeNvml([FakeDevice(uuid="GPU-ok"), FakeDevice(uuid="GPU-gone", lost=True)])
     reading = NvmlSource(fake).read()
     assert reading.source is VramSource.NVML
-    assert [g.uuid for g in reading.gpus] == ["GPU-ok"]
-    assert reading.error is not None
-    assert "GPU 1" in reading.error
-    assert "GPU is lost" in reading.error
+    assert reading.error is None
+    ok, gone = reading.gpus
+    assert (ok.uuid, ok.healthy, ok.health_reason) == ("GPU-ok", True, "")
+    # never read before it was lost: only its index is known, and a 0 total is never planned on
+    assert (gone.index, gone.name, gone.uuid, gone.total_bytes) == (1, "GPU 1", "", 0)
+    assert (gone.used_bytes, gone.free_bytes, gone.utilization_ratio, gone.temperature_c) == (None,) * 4
+    assert (gone.healthy, gone.health_reason) == (False, "NVML: GPU is lost")
 
 
-def test_every_gpu_lost_is_unknown_not_zero() -> None:
+def test_a_gpu_lost_after_a_good_read_keeps_what_was_known() -> None:
+    device = FakeDevice(uuid="GPU-a", total=24 * GIB, free=20 * GIB)
+    source = NvmlSource(FakeNvml([device]))
+    assert source.read().gpus[0].healthy
+    device.lost = True
+    (gpu,) = source.read().gpus
+    assert (gpu.name, gpu.uuid, gpu.total_bytes) == ("NVIDIA H100 80GB HBM3", "GPU-a", 24 * GIB)
+    assert (gpu.used_bytes, gpu.free_bytes) == (None, None)  # no live figure from a lost GPU
+    assert not gpu.healthy
+    device.lost = False
+    assert source.read().gpus[0].healthy, "a GPU that answers again is healthy again"
+
+
+def test_every_gpu_lost_is_still_listed() -> None:
     fake = FakeNvml([FakeDevice(lost=True)])
     reading = NvmlSource(fake).read()
-    assert reading.source is VramSource.UNKNOWN
-    assert reading.gpus == ()
-    assert reading.error is not None
-    assert "GPU 0" in reading.error
+    assert reading.source is VramSource.NVML
+    ((index, healthy, reason),) = [(g.index, g.healthy, g.health_reason) for g in reading.gpus]
+    assert (index, healthy, reason) == (0, False, "NVML: GPU is lost")
 
 
-def test_memory_error_unknown_skips_that_gpu() -> None:
-    fake = FakeNvml([FakeDevice(memory_error=pynvml.NVML_ERROR_UNKNOWN), FakeDevice(uuid="GPU-2")])
+def test_unknown_error_on_memory_marks_that_gpu_unhealthy_with_its_names() -> None:
+    fake = FakeNvml(
+        [FakeDevice(uuid="GPU-1", memory_error=pynvml.NVML_ERROR_UNKNOWN), FakeDevice(uuid="GPU-2")]
+    )
+    reading = NvmlSource(fake).read()
+    bad, good = reading.gpus
+    assert (bad.index, bad.uuid, bad.name) == (0, "GPU-1", "NVIDIA H100 80GB HBM3")
+    assert (bad.healthy, bad.health_reason) == (False, "NVML: Unknown Error")
+    assert (good.index, good.uuid, good.healthy) == (1, "GPU-2", True)
+    assert reading.error is None
+
+
+def test_other_memory_errors_skip_that_gpu_and_say_so() -> None:
+    fake = FakeNvml([FakeDevice(memory_error=pynvml.NVML_ERROR_NO_PERMISSION), FakeDevice(uuid="GPU-2")])
     reading = NvmlSource(fake).read()
     assert [g.uuid for g in reading.gpus] == ["GPU-2"]
     assert reading.gpus[0].index == 1
-    assert reading.error is not None
-    assert "GPU 0" in reading.error
+    assert reading.error == "NVML: GPU 0 skipped: Insufficient Permissions"
+
+
+def test_utilization_and_temperature_are_read() -> None:
+    fake = FakeNvml(
+        [FakeDevice(utilization_percent=37, temperature_c=61), FakeDevice(utilization_percent=100)]
+    )
+    first, second = NvmlSource(fake).read().gpus
+    assert (first.utilization_ratio, first.temperature_c) == (0.37, 61.0)
+    assert second.utilization_ratio == 1.0
+
+
+@pytest.mark.parametrize(
+    "code", [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_NO_PERMISSION], ids=["not_supported", "perm"]
+)
+def test_unsupported_utilization_and_temperature_are_unknown_not_zero(code: int) -> None:
+    fake = FakeNvml([FakeDevice(utilization_error=code, temperature_error=code)])
+    reading = NvmlSource(fake).read()
+    (gpu,) = reading.gpus
+    assert (gpu.utilization_ratio, gpu.temperature_c) == (None, None)
+    assert gpu.healthy
+    assert gpu.free_bytes == 60 * GIB
+    assert reading.error is None
+
+
+def test_a_zero_temperature_is_a_missing_sensor() -> None:
+    (gpu,) = NvmlSource(FakeNvml([FakeDevice(temperature_c=0)])).read().gpus
+    assert gpu.temperature_c is None
+
+
+def test_gpu_lost_while_reading_utilization_is_unhealthy() -> None:
+    fake = FakeNvml([FakeDevice(utilization_error=pynvml.NVML_ERROR_GPU_IS_LOST)])
+    (gpu,) = NvmlSource(fake).read().gpus
+    assert (gpu.healthy, gpu.health_reason) == (False, "NVML: GPU is lost")
+
+
+def test_bindings_without_utilization_or_temperature_leave_them_unknown() -> None:
+    class Bare(FakeNvml):
+        nvmlDeviceGetUtilizationRates = None
+        nvmlDeviceGetTemperature = None
+
+    (gpu,) = NvmlSource(Bare([FakeDevice()])).read().gpus
+    assert (gpu.utilization_ratio, gpu.temperature_c, gpu.healthy) == (None, None, True)
+
+
+def test_health_changes_are_logged_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    device = FakeDevice()
+    source = NvmlSource(FakeNvml([device]))
+    device.lost = True
+    with caplog.at_level(logging.INFO, logger="gpu_router.gpus.health"):
+        source.read()
+        source.read()
+        device.lost = False
+        source.read()
+        source.read()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "NVML: GPU 0 (GPU 0) is unhealthy: NVML: GPU is lost",
+        "NVML: GPU 0 (NVIDIA H100 80GB HBM3) is healthy again",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -135,7 +135,11 @@ def test_every_node_state_is_reported_with_its_reason(report_json: dict) -> None
 
 def test_gpu_sources_and_usable_vram(report_json: dict) -> None:
     a = node_json(report_json, "gpu-a")
-    assert a["vram_source"] == "exporter"
+    assert (a["vram_source"], a["vram_source_detail"]) == ("exporter", "dcgm-exporter")
+    assert {"healthy", "health_reason", "utilization_ratio", "temperature_c", "integrated"} <= a["gpus"][
+        0
+    ].keys()
+    assert (a["gpus"][0]["healthy"], a["gpus"][0]["integrated"]) == (True, False)
     total = a["gpus"][0]["total_bytes"]
     # dcgm-exporter reports whole MiB (free + used + reserved), so a MiB can be lost to rounding
     assert abs(total - 8192 * 2**20) <= 2**20
@@ -144,8 +148,9 @@ def test_gpu_sources_and_usable_vram(report_json: dict) -> None:
     assert a["free_vram_bytes"] == a["usable_vram_bytes"] - a["gpus"][0]["used_bytes"]
     cpu = node_json(report_json, "cpu")
     assert (cpu["vram_source"], cpu["gpus"], cpu["usable_vram_bytes"]) == ("none", [], 0)  # known: no VRAM
+    assert cpu["vram_source_detail"] == "none"
     static = node_json(report_json, "static")
-    assert static["vram_source"] == "static"
+    assert (static["vram_source"], static["vram_source_detail"]) == ("static", "static")
     assert static["gpus"][0]["used_bytes"] is None
 
 
@@ -216,6 +221,9 @@ def test_plain_text_in_a_pipe(config_path: Path) -> None:
     assert not any(ch in text for ch in "┏━│└")
     assert "Nodes\nNODE" in text
     assert re.search(r"^refused\s+down: GET /api/ps: connection refused", text, re.M)
+    # SOURCE says which exporter answered
+    assert re.search(r"^gpu-a\s+up\s+dcgm-exporter\s+0: \S.* 8\.0 GiB ", text, re.M)
+    assert re.search(r"^static\s+up\s+static\s+0: static 4\.0 GiB ", text, re.M)
     assert re.search(r"^llama3.2:latest\s+yes\s+", text, re.M)
     assert "Actions the daemon would take" in text
     assert text.rstrip().endswith(

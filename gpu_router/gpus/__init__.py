@@ -1,18 +1,22 @@
-"""Where each node's GPU memory figures come from: NVML, a Prometheus exporter, the config, or nowhere.
+"""Where each node's GPU figures come from: NVML, AMD sysfs, a Prometheus exporter, the config, or nowhere.
 
 Every source's :meth:`GpuSource.read` returns a :class:`~gpu_router.state.GpuReading` and never raises for an
-I/O or driver problem; a failed read is ``GpuReading(VramSource.UNKNOWN, (), error=...)``.
+I/O or driver problem; a failed read is ``GpuReading(VramSource.UNKNOWN, (), error=...)``. The kinds a
+config may ask for are the rows of :data:`~gpu_router.gpus.kinds.GPU_SOURCE_KINDS`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
 from gpu_router.config import NodeConfig
+from gpu_router.gpus.amd_sysfs import AmdSysfsSource
 from gpu_router.gpus.exporter import ExporterSource
+from gpu_router.gpus.kinds import AUTO, GPU_SOURCE_KINDS, Builder, kind_named
 from gpu_router.gpus.nvml import NvmlSource
 from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
 from gpu_router.hostinfo import is_local_host
@@ -20,6 +24,8 @@ from gpu_router.state import GpuReading, VramSource
 
 __all__ = [
     "REMOTE_AUTO_ERROR",
+    "AmdSysfsSource",
+    "AutoSource",
     "ExporterSource",
     "GpuSource",
     "NoGpuSource",
@@ -51,30 +57,80 @@ class GpuSource(Protocol):
         ...
 
 
+class AutoSource:
+    """``gpu: auto`` on this machine: the first local kind that finds a GPU, kept from then on.
+
+    ``candidates`` are ``(kind name, source)`` in table order (NVML, then AMD sysfs). Until one of them
+    reads a GPU every read asks each in turn (NVML throttles its own re-initialisation), so a driver
+    loaded after the daemon started is still found; the failed reading says what each one answered.
+    Once a kind has found GPUs it is used alone, and its later failures are its own to report.
+    """
+
+    def __init__(self, candidates: list[tuple[str, GpuSource]]) -> None:
+        self._candidates = candidates
+        self._chosen: GpuSource | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def kind(self) -> VramSource:
+        """The chosen kind's source; UNKNOWN until one found a GPU."""
+        return self._chosen.kind if self._chosen is not None else VramSource.UNKNOWN
+
+    def read(self) -> GpuReading:
+        """The chosen source's reading, or the first candidate's that finds a GPU."""
+        with self._lock:
+            if self._chosen is not None:
+                return self._chosen.read()
+            errors: list[str] = []
+            for name, source in self._candidates:
+                reading = source.read()
+                if reading.gpus:
+                    self._choose(name, source)
+                    return reading
+                errors.append(reading.error or f"{name}: no GPU")
+            return GpuReading(
+                VramSource.UNKNOWN, (), error="no GPU found on this machine: " + "; ".join(errors)
+            )
+
+    def close(self) -> None:
+        """Close every candidate."""
+        with self._lock:
+            for _, source in self._candidates:
+                source.close()
+
+    def _choose(self, name: str, source: GpuSource) -> None:
+        log.info("gpu: auto found GPUs through %s", name)
+        self._chosen = source
+        for _, other in self._candidates:
+            if other is not source:
+                other.close()
+        self._candidates = [(name, source)]
+
+
 def make_gpu_source(
     node: NodeConfig,
     timeout_s: float,
     *,
-    nvml_factory: Callable[[], GpuSource] = NvmlSource,
+    builders: Mapping[str, Builder] | None = None,
     is_local: Callable[[str], bool] = is_local_host,
 ) -> GpuSource:
     """The GPU source a node's ``gpu:`` setting asks for.
 
-    ``auto`` uses NVML when the node's URL points at this machine and otherwise gives an
+    ``builders`` replaces the table's builder of the kinds it names (tests pass fakes). ``auto`` tries the
+    table's local kinds when the node's URL points at this machine and otherwise gives an
     :class:`UnknownSource` that says how to configure one: an unknown node is not a node without GPUs.
     """
     spec = node.gpu
-    if spec.kind == "nvml":
-        return nvml_factory()
-    if spec.kind == "exporter":
-        if not spec.exporter_url:
-            return UnknownSource("gpu kind is exporter but no exporter URL is configured")
-        return ExporterSource(spec.exporter_url, timeout_s)
-    if spec.kind == "static":
-        return StaticSource(spec.vram_bytes)
-    if spec.kind == "none":
-        return NoGpuSource()
-    # auto
+
+    def build(name: str) -> GpuSource:
+        kind = kind_named(name)
+        if kind is None:
+            return UnknownSource(f"unknown GPU source kind {name!r}")
+        builder = (builders or {}).get(name, kind.build)
+        return builder(spec, timeout_s)
+
+    if spec.kind != AUTO:
+        return build(spec.kind)
     try:
         host = urlsplit(node.url).hostname
     except ValueError:
@@ -82,6 +138,7 @@ def make_gpu_source(
     if not host:
         return UnknownSource(f"cannot tell the host of node url {node.url!r}; set gpu: explicitly")
     if is_local(host):
-        log.debug("node %s is on this machine: reading its GPUs through NVML", node.name)
-        return nvml_factory()
+        local = [k.name for k in GPU_SOURCE_KINDS if k.local]
+        log.debug("node %s is on this machine: looking for its GPUs through %s", node.name, ", ".join(local))
+        return AutoSource([(name, build(name)) for name in local])
     return UnknownSource(REMOTE_AUTO_ERROR)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from gpu_router.gpus.health import HealthTracker
 from gpu_router.state import Gpu, GpuReading, VramSource
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,10 @@ DEFAULT_RETRY_S = 30.0
 
 class _GpuSkipped(Exception):
     """One GPU could not be read; the others still are."""
+
+
+class _GpuLost(Exception):
+    """NVML says the GPU is lost or failed with an unknown error: report it unhealthy, not skipped."""
 
 
 class NvmlSource:
@@ -52,6 +57,8 @@ class NvmlSource:
         self._logged_init_error: str | None = None
         # Old bindings or drivers lack nvmlDeviceGetMemoryInfo_v2; once seen, stop probing it on every read.
         self._v2_unavailable = False
+        self._health = HealthTracker("NVML")
+        self._last: dict[int, Gpu] = {}  # by index: what is still known of a GPU once it is lost
 
     def read(self) -> GpuReading:
         """Memory of every local GPU; a reading with ``error`` instead of an exception on any NVML problem."""
@@ -153,35 +160,79 @@ class NvmlSource:
                 return GpuReading(VramSource.UNKNOWN, (), error="NVML: " + "; ".join(problems))
             return GpuReading(VramSource.NVML, (), error="NVML: the driver reports no GPUs")
         return GpuReading(
-            VramSource.NVML, tuple(gpus), error=("NVML: " + "; ".join(problems)) if problems else None
+            VramSource.NVML,
+            self._health.apply(gpus),
+            error=("NVML: " + "; ".join(problems)) if problems else None,
         )
 
     def _read_device(self, index: int) -> Gpu:
         nvml = self._nvml
+        name, uuid = "", ""
         try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        except nvml.NVMLError as exc:
-            raise _GpuSkipped(f"GPU {index} skipped: {exc}") from exc
-        name = self._text(index, "name", nvml.nvmlDeviceGetName, handle, default=f"GPU {index}")
-        uuid = self._text(index, "uuid", nvml.nvmlDeviceGetUUID, handle, default="")
-        total, free = self._memory(index, handle)
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            except nvml.NVMLError as exc:
+                if _is_lost(nvml, exc):
+                    raise _GpuLost(str(exc)) from exc
+                raise _GpuSkipped(f"GPU {index} skipped: {exc}") from exc
+            name = self._text(index, "name", nvml.nvmlDeviceGetName, handle, default=f"GPU {index}")
+            uuid = self._text(index, "uuid", nvml.nvmlDeviceGetUUID, handle, default="")
+            total, free = self._memory(index, handle)
+            utilization = self._optional(index, "utilization", _utilization, handle)
+            temperature = self._optional(index, "temperature", _temperature, handle)
+        except _GpuLost as exc:
+            return self._lost(index, name, uuid, f"NVML: {exc}")
+        gpu = Gpu(
+            index=index,
+            name=name,
+            total_bytes=total,
+            used_bytes=total - free,
+            free_bytes=free,
+            uuid=uuid,
+            utilization_ratio=utilization,
+            temperature_c=temperature,
+        )
+        self._last[index] = gpu
+        return gpu
+
+    def _lost(self, index: int, name: str, uuid: str, reason: str) -> Gpu:
+        """An unhealthy entry with what is still known: names from this read, sizes from the last good one."""
+        last = self._last.get(index)
         return Gpu(
-            index=index, name=name, total_bytes=total, used_bytes=total - free, free_bytes=free, uuid=uuid
+            index=index,
+            name=name or (last.name if last else f"GPU {index}"),
+            total_bytes=last.total_bytes if last else 0,
+            uuid=uuid or (last.uuid if last else ""),
+            healthy=False,
+            health_reason=reason,
         )
 
     def _text(self, index: int, what: str, func: Callable[[Any], Any], handle: Any, *, default: str) -> str:
         nvml = self._nvml
         try:
             value = func(handle)
-        except (nvml.NVMLError_GpuIsLost, nvml.NVMLError_Unknown) as exc:
-            raise _GpuSkipped(f"GPU {index} skipped: {exc}") from exc
         except nvml.NVMLError as exc:
+            if _is_lost(nvml, exc):
+                raise _GpuLost(str(exc)) from exc
             # A missing name or uuid is cosmetic; the memory figures still count.
             log.debug("NVML: GPU %d %s unavailable: %s", index, what, exc)
             return default
         if isinstance(value, bytes):  # bindings before 11.515 returned bytes
             return value.decode("utf-8", "replace")
         return str(value)
+
+    def _optional(
+        self, index: int, what: str, func: Callable[[Any, Any], float | None], handle: Any
+    ) -> float | None:
+        """A figure the GPU may not support (utilization, temperature): None when NVML cannot give it."""
+        nvml = self._nvml
+        try:
+            return func(nvml, handle)
+        except nvml.NVMLError as exc:
+            if _is_lost(nvml, exc):
+                raise _GpuLost(str(exc)) from exc
+            log.debug("NVML: GPU %d %s unavailable: %s", index, what, exc)
+            return None
 
     def _memory(self, index: int, handle: Any) -> tuple[int, int]:
         """``(total, free)`` in bytes; used is derived as total - free, so driver-reserved memory is used."""
@@ -191,6 +242,8 @@ class NvmlSource:
         except nvml.NVMLError_NotSupported:
             return _host_memory()
         except nvml.NVMLError as exc:
+            if _is_lost(nvml, exc):
+                raise _GpuLost(str(exc)) from exc
             raise _GpuSkipped(f"GPU {index} skipped: {exc}") from exc
         total, free = int(info.total), int(info.free)
         if total <= 0:
@@ -219,6 +272,32 @@ def _host_memory() -> tuple[int, int]:
 
     vm = psutil.virtual_memory()
     return int(vm.total), int(vm.available)
+
+
+def _utilization(nvml: Any, handle: Any) -> float | None:
+    """The GPU's busy share over NVML's last sample period (1/6 s to 1 s), as 0..1."""
+    func = getattr(nvml, "nvmlDeviceGetUtilizationRates", None)
+    if func is None:
+        return None
+    percent = float(func(handle).gpu)
+    return min(percent / 100, 1.0) if percent >= 0 else None
+
+
+def _temperature(nvml: Any, handle: Any) -> float | None:
+    """The GPU core temperature in degrees Celsius; a 0 reading is a missing sensor, not a cold GPU."""
+    func = getattr(nvml, "nvmlDeviceGetTemperature", None)
+    if func is None:
+        return None
+    value = float(func(handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)))
+    return value if value > 0 else None
+
+
+def _is_lost(nvml: Any, exc: Exception) -> bool:
+    """GPU_IS_LOST or UNKNOWN: the device is there but broken, which the report must show."""
+    kinds = tuple(
+        getattr(nvml, name) for name in ("NVMLError_GpuIsLost", "NVMLError_Unknown") if hasattr(nvml, name)
+    )
+    return isinstance(exc, kinds)
 
 
 def _is_init_error(nvml: Any, exc: Exception) -> bool:

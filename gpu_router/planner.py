@@ -64,6 +64,7 @@ class Verdict(str, enum.Enum):
     NODE_DOWN = "node_down"
     BACKOFF = "backoff"  # a recent load here failed; the daemon waits before trying again
     UNCLEAR = "unclear"  # its /api/ps entry there could not be believed: no action on it
+    GPU_UNHEALTHY = "gpu_unhealthy"  # every GPU of the node is unhealthy: nothing counts or goes there
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class GpuCapacity:
     total_bytes: int
     usable_bytes: int
     used_bytes: int
-    free_bytes: int  # usable - used, never negative
+    free_bytes: int  # usable - used, never negative; 0 on an unhealthy GPU
+    healthy: bool = True
 
 
 @dataclass(frozen=True)
@@ -242,8 +244,8 @@ def capacity(node: NodeState, config: Config) -> NodeCapacity:
             used = min(resident, g.total_bytes)
             resident -= used
         # The margin keeps (1 - margin) of total for what we cannot see; used counts against usable.
-        free = max(0, usable - used)
-        gpus.append(GpuCapacity(g.index, g.name, g.total_bytes, usable, used, free))
+        free = max(0, usable - used) if g.healthy else 0  # a sick GPU gets no new placement
+        gpus.append(GpuCapacity(g.index, g.name, g.total_bytes, usable, used, free, g.healthy))
     return NodeCapacity(node.name, reading.source, known=True, gpus=tuple(gpus))
 
 
@@ -477,6 +479,7 @@ class _View(NamedTuple):
     installed: Collection[str]
     stale: bool  # degraded, but its last good picture still counts for what is resident there
     suspect: Collection[str]
+    sick: Fit | None  # every GPU unhealthy: its residents do not count (they fail over), nothing goes there
     # Verdicts that do not depend on the model, made once per node.
     down: Fit
     not_allowed: Fit
@@ -485,7 +488,7 @@ class _View(NamedTuple):
 
 
 def _view(node: NodeState, cap: NodeCapacity) -> _View:
-    usable = [g.usable_bytes for g in cap.gpus]
+    usable = [g.usable_bytes for g in cap.gpus if g.healthy]
     n = node.name
     no_gpu: Fit | None = None
     if cap.vram_source is VramSource.NONE:
@@ -496,6 +499,10 @@ def _view(node: NodeState, cap: NodeCapacity) -> _View:
         )
     elif not cap.gpus:
         no_gpu = Fit(n, Verdict.NO_GPU, note="no GPU found")
+    sick: Fit | None = None
+    if cap.gpus and not any(g.healthy for g in cap.gpus):
+        why = "; ".join(sorted({g.health_reason for g in node.gpu.gpus if not g.healthy and g.health_reason}))
+        sick = Fit(n, Verdict.GPU_UNHEALTHY, note=f"GPU unhealthy: {why or 'no reason given'}")
     return _View(
         name=n,
         up=node.up,
@@ -506,6 +513,7 @@ def _view(node: NodeState, cap: NodeCapacity) -> _View:
         installed={m.name for m in node.installed},
         stale=node.stale,
         suspect=node.suspect,
+        sick=sick,
         down=Fit(n, Verdict.NODE_DOWN, note=f"node {node.status.value}: {node.error or 'no answer'}"),
         not_allowed=Fit(n, Verdict.NOT_ALLOWED),
         not_installed=Fit(n, Verdict.NOT_INSTALLED),
@@ -551,6 +559,7 @@ def _judge(
         installed,
         stale,
         suspect,
+        sick,
         down,
         not_allowed,
         not_installed,
@@ -583,6 +592,9 @@ def _judge(
             continue
         if model in suspect:
             add(Fit(name, Verdict.UNCLEAR))
+            continue
+        if sick is not None:
+            add(sick)
             continue
         loaded = loaded_map.get(model)
         if loaded is not None and loaded.processor is gpu and model not in evicted.get(name, ()):

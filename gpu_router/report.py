@@ -185,6 +185,8 @@ _VERDICT_SHORT = {
     Verdict.NOT_ALLOWED.value: "excluded",
     Verdict.NODE_DOWN.value: "down",
     Verdict.BACKOFF.value: "backoff",
+    Verdict.UNCLEAR.value: "unclear",
+    Verdict.GPU_UNHEALTHY.value: "GPU sick",
 }
 
 MATRIX_MAX_NODES = 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from builders import NOW, cluster, config, gib, loaded, needs, node
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from gpu_router.config import PriorityModel
 from gpu_router.planner import ActionKind, Placement, Verdict, capacity, plan
-from gpu_router.state import ClusterState, LoadedModel, NodeStatus, VramSource
+from gpu_router.state import ClusterState, Gpu, GpuReading, LoadedModel, NodeStatus, VramSource
 
 M = "m:latest"
 
@@ -334,3 +335,23 @@ def test_never_unloads_a_priority_model_for_another(case):
 def test_observed_at_is_what_pinned_is_measured_from():
     state = ClusterState(cluster(node("a")).nodes, observed_at=NOW)
     assert plan(state, config()).models == ()
+
+
+def test_an_unhealthy_gpu_gets_nothing_and_its_priority_models_fail_over():
+    sick_gpu = Gpu(
+        0, "GPU0", gib(8), gib(3), gib(5), healthy=False, health_reason="XID 79 (GPU fell off the bus)"
+    )
+    a = node("a", (8,), loaded_models=(loaded(M, 3, pinned=True),))
+    a = replace(a, gpu=GpuReading(VramSource.NVML, (sick_gpu,)))
+    b = node("b", (8,), installed={M: 2})
+    p = plan(cluster(a, b), config(M), needs=needs(m__latest=3))
+    assert verdicts(p)["a"] is Verdict.GPU_UNHEALTHY
+    assert "XID 79" in p.model(M).fits[0].reason
+    assert actions(p) == [("load", "b", M)]
+    # On a node with one sick GPU of two, only the healthy one takes placements.
+    two = replace(
+        node("c", (8, 8), installed={M: 2}),
+        gpu=GpuReading(VramSource.NVML, (sick_gpu, Gpu(1, "GPU1", gib(8), 0, gib(8)))),
+    )
+    p = plan(cluster(two), config(M), needs=needs(m__latest=3))
+    assert [(a.node, a.gpus) for a in p.actions] == [("c", (1,))]

@@ -146,6 +146,38 @@ install_venv() {
     status "installing $SRC into $venv"
     # pip reinstalls a local directory even at the same version, so a re-run upgrades the code.
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$BUILD_TMP"
+    if [ "$STAGING" = yes ]; then
+        relocate_venv "$venv"
+    fi
+}
+
+# A staged tree is copied to / by a package: nothing in it may point into the staging directory.
+# pip writes each console script with "#!$ROOT/opt/.../python"; gpu-router's own script becomes a
+# launcher that finds its python next to itself (so the tree works wherever it lands, / included),
+# and every other script gets the path it will have once installed.
+relocate_venv() {
+    local venv="$1" script first
+    cat >"$venv/bin/$NAME" <<'LAUNCHER'
+#!/bin/sh
+# gpu-router launcher: runs the python of the venv this file sits in, wherever that venv was copied.
+here="$(dirname -- "$(readlink -f -- "$0")")"
+exec "$here/python" -m gpu_router "$@"
+LAUNCHER
+    chmod 0755 "$venv/bin/$NAME"
+    for script in "$venv"/bin/*; do
+        if [ ! -f "$script" ] || [ -L "$script" ]; then
+            continue
+        fi
+        IFS= read -r first <"$script" || continue
+        case "$first" in
+            "#!$ROOT/"*) sed -i "1s|^#!$ROOT/|#!/|" "$script" ;;
+        esac
+    done
+    # activate scripts name the venv directory; point them at its final place too.
+    sed -i "s|$ROOT/opt/$NAME/venv|/opt/$NAME/venv|g" "$venv"/bin/activate* 2>/dev/null || true
+    if grep -rIl --exclude-dir=__pycache__ -F "$ROOT" "$venv/bin" >/dev/null 2>&1; then
+        warn "some files in $venv/bin still name the staging directory $ROOT"
+    fi
 }
 
 do_install() {

@@ -373,6 +373,27 @@ def test_real_venv_install(tmp_path: Path) -> None:
         # The default interpreter is the system one, so ProtectHome=yes cannot hide the venv's base.
         assert "home = /usr/bin" in (venv / "pyvenv.cfg").read_text()
 
+    # The staged tree works once copied elsewhere (a package puts it at /): nothing in the venv's
+    # bin/ names the staging directory, and the command runs from the new place.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved, symlinks=True)
+    shutil.rmtree(root / "opt")
+    for script in (moved / "opt" / "gpu-router" / "venv" / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():
+            assert str(root) not in script.read_text(errors="replace"), script
+    moved_run = subprocess.run(
+        [str(moved / "opt" / "gpu-router" / "venv" / "bin" / "gpu-router"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert moved_run.returncode == 0, moved_run.stderr
+    assert moved_run.stdout.startswith("gpu-router ")
+    shutil.rmtree(moved)
+    result = run_install(src, "--root", str(root), timeout=540)
+    assert result.returncode == 0, result.stderr
+
     marker = "# reinstalled by the second run\n"
     init = src / "gpu_router" / "__init__.py"
     init.write_text(init.read_text() + marker)

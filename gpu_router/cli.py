@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from gpu_router import __version__
 from gpu_router.config import (
@@ -20,20 +20,12 @@ from gpu_router.config import (
     load_config,
     normalize_model_name,
 )
-from gpu_router.observe import observe_once
-from gpu_router.planner import plan
-from gpu_router.report import (
-    Json,
-    Table,
-    build_report,
-    gib,
-    model_table,
-    render,
-    report_tables,
-    summary_line,
-    write_json,
-)
 from gpu_router.systemd import setup_logging
+
+# Only what every command needs is imported here: --help, --version and --check-config must start
+# fast and never load an HTTP client, rich, psutil or NVML. Commands import what they use.
+if TYPE_CHECKING:
+    from gpu_router.report import Json, Table
 
 log = logging.getLogger("gpu_router.cli")
 
@@ -112,6 +104,8 @@ def _is_tty(out: TextIO) -> bool:
 
 
 def _emit(tables: list[Table], data: Json, args: argparse.Namespace, out: TextIO, footer: str = "") -> None:
+    from gpu_router.report import render, write_json
+
     if args.json:
         write_json(data, out)
     else:
@@ -119,6 +113,9 @@ def _emit(tables: list[Table], data: Json, args: argparse.Namespace, out: TextIO
 
 
 def _report(config: Config) -> Json:
+    from gpu_router.observe import observe_once
+    from gpu_router.planner import plan
+    from gpu_router.report import build_report
     from gpu_router.store import info_cache_for, load_learned
 
     state = observe_once(config, info_cache=info_cache_for(config))
@@ -127,6 +124,8 @@ def _report(config: Config) -> Json:
 
 def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``--report-only``: observe, plan, print; never change anything."""
+    from gpu_router.report import report_tables, summary_line
+
     data = _report(config)
     _emit(report_tables(data), data, args, out, footer=summary_line(data))
     return EX_OK
@@ -143,6 +142,8 @@ def _find_model(data: Json, model: str) -> Json | None:
 
 def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``route MODEL``: the decision and every node's verdict."""
+    from gpu_router.report import Table, gib
+
     data = _report(config)
     m = _find_model(data, args.model)
     if m is None:
@@ -162,6 +163,8 @@ def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``check MODEL``: which nodes fit it on GPU, with the numbers."""
+    from gpu_router.report import Table, gib
+
     data = _report(config)
     m = _find_model(data, args.model)
     if m is None:
@@ -209,6 +212,8 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_models(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``models``: every model known in the cluster."""
+    from gpu_router.report import Table, gib, model_table
+
     data = _report(config)
     rows = tuple(
         (

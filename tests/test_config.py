@@ -1286,3 +1286,14 @@ def test_state_dir_order(tmp_path: pathlib.Path) -> None:
     a_file.write_text("")
     assert default_state_dir(base, {"HOME": str(home)}, system_dir=a_file) == home / ".local/state/gpu-router"
     assert not (home / ".local").exists()  # creates nothing
+
+
+def test_libyaml_and_pure_python_parsers_give_the_same_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    if getattr(yaml, "CSafeLoader", None) is None:
+        pytest.skip("PyYAML built without libyaml")
+    fast = parse(RICH)
+    monkeypatch.delattr(yaml, "CSafeLoader")
+    assert parse(RICH) == fast
+    assert parse("nodes: [http://127.0.0.1:1]\nvram_safety_margin: 1e-3\n").vram_safety_margin == 0.001

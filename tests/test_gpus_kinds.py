@@ -8,13 +8,13 @@ from gpu_router.config import ConfigError, GpuSpec, NodeConfig, parse_config
 from gpu_router.gpus import AutoSource, make_gpu_source
 from gpu_router.gpus.kinds import (
     AUTO,
-    EXPORTER_LABELS,
     GPU_SOURCE_KINDS,
     Builder,
     GpuSourceKind,
     config_keys,
     config_syntax,
     config_words,
+    exporter_labels,
     source_label,
 )
 from gpu_router.state import MIB, VramSource
@@ -90,7 +90,7 @@ def test_report_labels() -> None:
     assert source_label(VramSource.EXPORTER) == "exporter"
     assert source_label(VramSource.AMD) == "amd-sysfs"
     assert source_label(VramSource.UNKNOWN) == "unknown"
-    assert EXPORTER_LABELS == (
+    assert exporter_labels() == (
         "dcgm-exporter",
         "nvidia_gpu_exporter",
         "amd-device-metrics-exporter",

@@ -10,17 +10,36 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from gpu_router.config import NodeConfig
-from gpu_router.gpus.amd_sysfs import AmdSysfsSource
-from gpu_router.gpus.exporter import ExporterSource
 from gpu_router.gpus.kinds import AUTO, GPU_SOURCE_KINDS, Builder, kind_named
-from gpu_router.gpus.nvml import NvmlSource
 from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
-from gpu_router.hostinfo import is_local_host
 from gpu_router.state import GpuReading, VramSource
+
+if TYPE_CHECKING:
+    from gpu_router.gpus.amd_sysfs import AmdSysfsSource
+    from gpu_router.gpus.exporter import ExporterSource
+    from gpu_router.gpus.nvml import NvmlSource
+
+# The sources that need an HTTP client, NVML or sysfs are loaded on first use (PEP 562), so that
+# importing this package (config validation does, through kinds) stays cheap.
+_LAZY = {
+    "AmdSysfsSource": "gpu_router.gpus.amd_sysfs",
+    "ExporterSource": "gpu_router.gpus.exporter",
+    "NvmlSource": "gpu_router.gpus.nvml",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "REMOTE_AUTO_ERROR",
@@ -112,7 +131,7 @@ def make_gpu_source(
     timeout_s: float,
     *,
     builders: Mapping[str, Builder] | None = None,
-    is_local: Callable[[str], bool] = is_local_host,
+    is_local: Callable[[str], bool] | None = None,
 ) -> GpuSource:
     """The GPU source a node's ``gpu:`` setting asks for.
 
@@ -137,6 +156,10 @@ def make_gpu_source(
         host = None
     if not host:
         return UnknownSource(f"cannot tell the host of node url {node.url!r}; set gpu: explicitly")
+    if is_local is None:
+        from gpu_router.hostinfo import is_local_host
+
+        is_local = is_local_host
     if is_local(host):
         local = [k.name for k in GPU_SOURCE_KINDS if k.local]
         log.debug("node %s is on this machine: looking for its GPUs through %s", node.name, ", ".join(local))

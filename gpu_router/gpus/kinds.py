@@ -12,9 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from gpu_router.gpus.amd_sysfs import LABEL as AMD_SYSFS_LABEL
-from gpu_router.gpus.amd_sysfs import AmdSysfsSource
-from gpu_router.gpus.exporter import EXPORTER_KINDS, ExporterSource
-from gpu_router.gpus.nvml import NvmlSource
 from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
 from gpu_router.state import VramSource
 
@@ -50,9 +47,27 @@ class GpuSourceKind:
         return f"{{{self.config_key}: {'URL' if self.value == 'url' else 'N'}}}"
 
 
+# Builders import their source's module when called: config validation reads this table, and
+# --check-config must not load an HTTP client or NVML just to know which words gpu: accepts.
+
+
+def _nvml(spec: GpuSpec, timeout_s: float) -> GpuSource:
+    from gpu_router.gpus.nvml import NvmlSource
+
+    return NvmlSource()
+
+
+def _amd(spec: GpuSpec, timeout_s: float) -> GpuSource:
+    from gpu_router.gpus.amd_sysfs import AmdSysfsSource
+
+    return AmdSysfsSource()
+
+
 def _exporter(spec: GpuSpec, timeout_s: float) -> GpuSource:
     if not spec.exporter_url:
         return UnknownSource("gpu kind is exporter but no exporter URL is configured")
+    from gpu_router.gpus.exporter import ExporterSource
+
     return ExporterSource(spec.exporter_url, timeout_s)
 
 
@@ -65,7 +80,7 @@ GPU_SOURCE_KINDS: tuple[GpuSourceKind, ...] = (
         label="nvml",
         auto="on this machine: NVML initialises and lists a GPU",
         local=True,
-        build=lambda spec, timeout_s: NvmlSource(),
+        build=_nvml,
     ),
     GpuSourceKind(
         name="amd",
@@ -75,7 +90,7 @@ GPU_SOURCE_KINDS: tuple[GpuSourceKind, ...] = (
         label=AMD_SYSFS_LABEL,
         auto="on this machine: a /sys/class/drm card with vendor 0x1002 and amdgpu memory files",
         local=True,
-        build=lambda spec, timeout_s: AmdSysfsSource(),
+        build=_amd,
     ),
     GpuSourceKind(
         name="exporter",
@@ -109,8 +124,12 @@ GPU_SOURCE_KINDS: tuple[GpuSourceKind, ...] = (
     ),
 )
 
-EXPORTER_LABELS: tuple[str, ...] = tuple(k.label for k in EXPORTER_KINDS)
-"""What ``GpuReading.detail`` can name for an exporter reading."""
+
+def exporter_labels() -> tuple[str, ...]:
+    """What ``GpuReading.detail`` can name for an exporter reading."""
+    from gpu_router.gpus.exporter import EXPORTER_KINDS
+
+    return tuple(k.label for k in EXPORTER_KINDS)
 
 
 def kind_named(name: str) -> GpuSourceKind | None:

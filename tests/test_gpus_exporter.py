@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,6 +23,7 @@ from gpu_router.gpus.exporter import (
     redact_url,
 )
 from gpu_router.state import MIB, GpuReading, VramSource
+from gpu_router.transport import HttpClient
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exporter"
 TIMEOUT_S = 0.5
@@ -42,11 +42,14 @@ class ExporterServer:
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        self.probes: list[str] = []  # X-Probe header values received, in order
         self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if "X-Probe" in self.headers:
+                    server.probes.append(self.headers["X-Probe"])
                 route = server.routes.get(self.path)
                 if route is None:
                     self.send_error(404)
@@ -179,7 +182,7 @@ def test_server_that_never_answers_times_out(server: ExporterServer) -> None:
     url = server.url("/metrics")
     reading = read(url)
     assert reading.source is VramSource.UNKNOWN
-    assert reading.error == f"exporter {url}: timed out after 0.5s"
+    assert reading.error == f"exporter {url}: timed out after 0.5s waiting for the response headers"
 
 
 def test_server_that_stalls_mid_body_times_out(server: ExporterServer) -> None:
@@ -232,14 +235,15 @@ def test_credentials_in_the_url_never_reach_the_error(server: ExporterServer) ->
     assert reading.error == f"exporter http://127.0.0.1:{port}/metrics: HTTP 503 Service Unavailable"
 
 
-def test_a_caller_session_is_used_and_left_open(server: ExporterServer) -> None:
-    session = requests.Session()
-    session.headers["X-Probe"] = "1"
-    source = ExporterSource(server.serve_file("/metrics", "dcgm_fb_mib.prom"), TIMEOUT_S, session=session)
+def test_a_caller_client_is_used_and_left_open(server: ExporterServer) -> None:
+    url = server.serve_file("/metrics", "dcgm_fb_mib.prom")
+    client = HttpClient(server.url(""), headers={"X-Probe": "1"}, timeout_s=TIMEOUT_S)
+    source = ExporterSource(url, TIMEOUT_S, client=client)
     assert len(source.read().gpus) == 2
     source.close()
-    assert len(source.read().gpus) == 2, "close() must not close a session it does not own"
-    session.close()
+    assert len(source.read().gpus) == 2, "close() must not close a client it does not own"
+    assert server.probes == ["1", "1"]
+    client.close()
 
 
 # -- interpretation details -------------------------------------------------------------------------------

@@ -803,7 +803,7 @@ def test_hang_is_read_timeout(ollama: FakeOllama, make_client: Callable[..., Oll
     with pytest.raises(NodeUnreachable) as info:
         client.ps()
     assert info.value.status is NodeStatus.DOWN
-    assert "read timed out after 0.3s" in str(info.value)
+    assert "timed out after 0.3s waiting for the response headers" in str(info.value)
     assert len(ollama.requests()) == 1  # no silent retry
 
 
@@ -993,7 +993,7 @@ def test_load_uses_its_own_read_timeout(ollama: FakeOllama, make_client: Callabl
     ollama.routes[("GET", "/api/ps")] = Route(body=fixture_bytes("ps-docs.json"), delay_s=0.5)
     client = make_client(ollama.url, timeout_s=0.2)
     # the same delay is a timeout for an ordinary call...
-    with pytest.raises(NodeUnreachable, match=r"read timed out after 0\.2s"):
+    with pytest.raises(NodeUnreachable, match=r"timed out after 0\.2s waiting for the response headers"):
         client.ps()
     # ...but not for a load, which waits for the runner to come up
     client.load("llama3.2", embedding=False, timeout_s=2.0)
@@ -1005,6 +1005,6 @@ def test_load_timeout_is_reported_with_the_load_timeout(
 ) -> None:
     ollama.routes[("POST", "/api/embed")] = Route(hang=True)
     client = make_client(ollama.url, timeout_s=5.0)
-    with pytest.raises(NodeUnreachable, match=r"POST /api/embed: read timed out after 0\.3s") as info:
+    with pytest.raises(NodeUnreachable, match=r"POST /api/embed: timed out after 0\.3s waiting for the response headers") as info:
         client.load("nomic-embed-text", embedding=True, timeout_s=0.3)
     assert info.value.status is NodeStatus.DOWN

@@ -659,7 +659,7 @@ class HttpClient:
             headers = {k.lower(): v for k, v in resp.getheaders()}
             return Response(resp.status, resp.reason, MappingProxyType(headers), body)
         except self._failures as exc:
-            raise self._classify(exc, phase, timeout) from None
+            raise self._classify(exc, phase, timeout, reader=reader) from None
         finally:
             if keep:
                 self._checkin(conn)
@@ -834,7 +834,9 @@ class HttpClient:
 
     # -- errors ------------------------------------------------------------------------------------------
 
-    def _classify(self, exc: Exception, phase: str, timeout: float, where: str = "") -> TransportError:
+    def _classify(
+        self, exc: Exception, phase: str, timeout: float, where: str = "", reader: _SocketReader | None = None
+    ) -> TransportError:
         """A one-line :class:`TransportError` for whatever the socket, TLS or HTTP layer raised."""
         import errno
 
@@ -861,6 +863,9 @@ class HttpClient:
         if isinstance(exc, http.RemoteDisconnected):
             return ConnectionLost(f"{where}connection closed without a response")
         if isinstance(exc, http.IncompleteRead):
+            # http.client says IncompleteRead both for an early close and for a chunk size that is no number
+            if reader is not None and not reader.eof:
+                return InvalidResponse("invalid HTTP: bad chunked encoding")
             return ConnectionLost("connection closed in the middle of the body")
         if isinstance(exc, ConnectionResetError):
             return ConnectionLost(f"{where}connection reset")
@@ -958,7 +963,9 @@ class LineStream:
                 self._fill()
             except self._client._failures as exc:
                 self.close()
-                raise self._client._classify(exc, "reading the stream", self._total_timeout_s) from None
+                raise self._client._classify(
+                    exc, "reading the stream", self._total_timeout_s, reader=self._reader
+                ) from None
             except BaseException:
                 self.close()
                 raise

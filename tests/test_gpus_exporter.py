@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,6 +35,7 @@ class Route:
     body: bytes = b""
     hang_before_headers: bool = False
     hang_mid_body: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ExporterServer:
@@ -43,11 +44,13 @@ class ExporterServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.probes: list[str] = []  # X-Probe header values received, in order
+        self.paths: list[str] = []  # every path asked for, in order
         self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                server.paths.append(self.path)
                 if "X-Probe" in self.headers:
                     server.probes.append(self.headers["X-Probe"])
                 route = server.routes.get(self.path)
@@ -60,6 +63,8 @@ class ExporterServer:
                 self.send_response(route.status)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(route.body)))
+                for name, value in route.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if route.hang_mid_body:
                     self.wfile.write(route.body[:10])
@@ -329,6 +334,38 @@ def test_parser_rejects_malformed_lines(line: str) -> None:
     with pytest.raises(PromParseError):
         parse_sample_line(line)
     assert parse_prometheus_text(f"ok 1\n{line}\n") == ([parse_sample_line("ok 1")], 1)
+
+
+def test_body_over_the_cap_is_unknown(server: ExporterServer) -> None:
+    url = server.serve_file("/metrics", "nvidia_gpu_exporter_two_gpus.prom")
+    source = ExporterSource(url, TIMEOUT_S, max_body_bytes=1000)
+    reading = source.read()
+    source.close()
+    assert reading.source is VramSource.UNKNOWN
+    assert "is over the 1000 bytes cap" in err(reading)
+
+
+def test_default_cap_is_4_mib(server: ExporterServer) -> None:
+    line = b"# HELP padding " + b"x" * 1000 + b"\n"
+    server.routes["/metrics"] = Route(body=line * 4300)  # 4.4 MB
+    assert "over the 4 MiB cap" in err(read(server.url("/metrics")))
+
+
+def test_redirect_is_not_followed(server: ExporterServer) -> None:
+    server.serve_file("/real", "dcgm_fb_mib.prom")
+    server.routes["/metrics"] = Route(status=302, headers={"Location": "/real?token=x"})
+    reading = read(server.url("/metrics"))
+    assert reading.source is VramSource.UNKNOWN
+    assert err(reading).endswith(f"redirect refused: HTTP 302 to {server.url('/real')}")
+    assert server.paths == ["/metrics"]
+
+
+def test_stray_bytes_do_not_hide_the_gpus(server: ExporterServer) -> None:
+    body = b"# HELP junk caf\xe9 \xff\xfe\n" + (FIXTURES / "dcgm_fb_mib.prom").read_bytes()
+    server.routes["/metrics"] = Route(body=body)
+    reading = read(server.url("/metrics"))
+    assert reading.source is VramSource.EXPORTER
+    assert len(reading.gpus) == 2
 
 
 _label_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)

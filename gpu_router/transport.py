@@ -620,7 +620,9 @@ class HttpClient:
             raise ValueError(f"request path must start with / and contain no spaces: {path[:60]!r}")
         line = f"{method} {self._target_prefix}{path} HTTP/1.1\r\n".encode("ascii")
         if json_body is None:
-            return line + self._header_block + b"\r\n"
+            # A POST without a length is a 411 at nginx and some other proxies; GET/HEAD send none.
+            empty = b"" if method in _RETRYABLE else b"Content-Length: 0\r\n"
+            return line + self._header_block + empty + b"\r\n"
         import json
 
         body = json.dumps(json_body, separators=(",", ":")).encode("utf-8")

@@ -665,6 +665,12 @@ class _Walker:
             value = self.expand(str(value_node.value), value_node, hkey)
             if any(c in value for c in "\r\n\0"):
                 self.fail(value_node, hkey, "a header value must not contain line breaks or NUL")
+            if not value.isascii():
+                try:
+                    value.encode("latin-1")
+                except UnicodeEncodeError:
+                    # header bytes on the wire are ISO-8859-1: say so here, not at the first request
+                    self.fail(value_node, hkey, "a header value must be Latin-1 (ISO-8859-1) text")
             out[name] = value
         return MappingProxyType(out)
 

@@ -529,6 +529,10 @@ BAD = [
         ("config.yaml:3: nodes[0].headers.Authorization: a header value must not contain line breaks or NUL"),
     ),
     (
+        'nodes:\n  - url: http://a\n    headers: {X-Team: "\u00e9quipe \u20ac5"}\n',
+        "config.yaml:3: nodes[0].headers.X-Team: a header value must be Latin-1 (ISO-8859-1) text",
+    ),
+    (
         "nodes:\n  - http://user:pw@a:11434\n",
         "config.yaml:2: nodes[0]: credentials in a URL would be logged; send them with headers: instead",
     ),

@@ -1,8 +1,8 @@
 """One bounded HTTP/1.1 client for every call gpu-router makes (Ollama API and GPU exporters alike).
 
 Why not ``requests``: it bounds each socket read, not the request (a body dripped at 1 byte/s never
-ends), follows redirects with the caller's headers, inflates gzip without a cap, and spends most of
-its per-call CPU on proxy, environment and netrc look-ups. Here:
+ends), follows redirects with the caller's headers, inflates gzip without a cap, and spends over a quarter
+of its per-call CPU on per-request proxy, environment and netrc look-ups. Here:
 
 * one wall-clock deadline covers connect, send, headers and body: the socket timeout is set to the
   time left before every blocking step, so no drip outlives it;
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 # The largest real /api/show bodies (non-verbose) are ~130 KB, big MoE models a few hundred KB; /api/tags
-# of a node with hundreds of models is tens of KB. 16 MiB is ~100x the largest seen, still harmless under
-# the unit's MemoryMax=512M.
+# takes about 0.4 KB per installed model. 16 MiB is ~50x the largest seen and still harmless under the
+# unit's MemoryMax=512M (a body is held twice at most while it is joined).
 DEFAULT_MAX_BODY_BYTES = 16 * MIB
 # A connect to a live host on a LAN takes milliseconds; a long connect only delays the verdict "down".
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
@@ -140,7 +140,9 @@ class InvalidResponse(TransportError):
 
 
 @dataclass(frozen=True)
-class _Proxy:
+class Proxy:
+    """One proxy: where it is, how it is shown (never with credentials), and whether it can be used."""
+
     host: str
     port: int
     display: str  # scheme://host:port, never credentials
@@ -157,8 +159,8 @@ class ProxyConfig:
     (``localhost``, 127.0.0.0/8, ``::1``) never goes through a proxy.
     """
 
-    http: _Proxy | None = None
-    https: _Proxy | None = None
+    http: Proxy | None = None
+    https: Proxy | None = None
     no_proxy: tuple[str, ...] = ()
 
     @classmethod
@@ -178,7 +180,7 @@ class ProxyConfig:
             no_proxy=no_proxy,
         )
 
-    def proxy_for(self, scheme: str, host: str, port: int) -> _Proxy | None:
+    def proxy_for(self, scheme: str, host: str, port: int) -> Proxy | None:
         """The proxy a request to ``scheme://host:port`` goes through, or None for a direct connection."""
         proxy = self.https if scheme == "https" else self.http
         if proxy is None or _is_loopback(host) or _bypassed(self.no_proxy, host.lower(), port):
@@ -186,24 +188,24 @@ class ProxyConfig:
         return proxy
 
 
-def _parse_proxy(url: str) -> _Proxy:
+def _parse_proxy(url: str) -> Proxy:
     if "://" not in url:
         url = "http://" + url  # what requests and curl assume
     try:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or 80
     except ValueError:
-        return _Proxy("", 0, "<invalid proxy URL>", unsupported="the proxy URL is not valid")
+        return Proxy("", 0, "<invalid proxy URL>", unsupported="the proxy URL is not valid")
     display = f"{parts.scheme}://{_bracket(host)}:{port}"
     if parts.scheme.lower() != "http" or not host:
-        return _Proxy(host, port, display, unsupported="only http:// proxies are supported")
+        return Proxy(host, port, display, unsupported="only http:// proxies are supported")
     auth = b""
     if parts.username is not None:
         import base64
 
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         auth = b"Proxy-Authorization: Basic " + base64.b64encode(pair) + b"\r\n"
-    return _Proxy(host, port, display, auth)
+    return Proxy(host, port, display, auth)
 
 
 def _is_loopback(host: str) -> bool:
@@ -302,10 +304,6 @@ class _Expired(TimeoutError):
 
 class _Stale(Exception):
     """A reused connection turned out to be closed before any of the response arrived."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 class _SocketReader(io.RawIOBase):
@@ -523,7 +521,7 @@ class HttpClient:
             ctx.verify_mode = ssl.CERT_NONE
             log.warning(
                 "TLS certificate verification is off for %s (tls_verify: false): "
-                "anyone on the path can read and change this traffic",
+                "anyone on the network path can pose as this server",
                 self.display_url,
             )
         return ctx
@@ -554,13 +552,12 @@ class HttpClient:
                 conn, reused = self._connect(deadline, timeout), False
             try:
                 return self._exchange(conn, method, path, data, deadline, timeout, cap, reused)
-            except _Stale as stale:
+            except _Stale:
                 conn.close()
                 if method not in _RETRYABLE:
                     raise ConnectionLost("connection closed by the server before it answered") from None
                 log.debug("%s: kept-alive connection was closed by the server; reconnecting", self.host)
                 conn = None
-                del stale
 
     def stream_lines(
         self,
@@ -653,7 +650,7 @@ class HttpClient:
                 # Nothing of a response arrived on a connection that had served before: the server closed
                 # it while it sat idle. The only case where a retry cannot repeat anything.
                 if reused and (reader is None or reader.received == 0):
-                    raise _Stale(exc) from None
+                    raise _Stale() from exc
                 raise
             phase = "reading the body"
             body = self._read_body(resp, reader, cap)

@@ -14,7 +14,7 @@ import os
 import pathlib
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn, cast
 from urllib.parse import urlsplit
@@ -61,6 +61,9 @@ class GpuSpec:
     kind: GpuKind = "auto"
     exporter_url: str | None = None  # kind == "exporter"
     vram_bytes: tuple[int, ...] = ()  # kind == "static": one total per GPU
+    # The node's TLS settings, for an https:// exporter (the node's ca_file and tls_verify).
+    ca_file: str | None = None
+    tls_verify: bool = True
 
 
 EnvValue = str | int | float | bool
@@ -707,6 +710,8 @@ class _Walker:
                 fix = "" if name_node is not None else "; it comes from the url, so set name:"
                 self.fail(where, name_key, f"{what} (also {other}, line {line}){fix}")
             names[name] = (key, _line(where))
+            if gpu.exporter_url and ("ca_file" in extra or "tls_verify" in extra):
+                gpu = replace(gpu, ca_file=extra.get("ca_file"), tls_verify=extra.get("tls_verify", True))
             out.append(NodeConfig(name=name, url=url, gpu=gpu, headers=headers, **extra))
         return tuple(out)
 

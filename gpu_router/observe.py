@@ -63,7 +63,14 @@ ABSURD_BYTES = 2**50
 
 
 def _client(node: NodeConfig, timeout_s: float) -> OllamaClient:
-    return OllamaClient(node.name, node.url, timeout_s=timeout_s, headers=node.headers)
+    return OllamaClient(
+        node.name,
+        node.url,
+        timeout_s=timeout_s,
+        headers=node.headers,
+        ca_file=node.ca_file,
+        tls_verify=node.tls_verify,
+    )
 
 
 class NodeLinks:

@@ -1,8 +1,8 @@
 """Ollama HTTP adapter: the only module that talks to an Ollama server.
 
-One ``requests.Session`` per node, explicit (connect, read) timeouts on every call, and typed
-errors, so the caller can tell a node that is *down* (nothing answered) from one that is in
-*error* (it answered, but not with what Ollama answers).
+One :class:`~gpu_router.transport.HttpClient` per node (keep-alive, a wall-clock deadline and a body
+cap on every call, no redirects), and typed errors, so the caller can tell a node that is *down*
+(nothing answered) from one that is in *error* (it answered, but not with what Ollama answers).
 """
 
 from __future__ import annotations
@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any
-
-import requests
+from typing import Any, TypeVar
 
 from gpu_router.state import InstalledModel, LoadedModel, ModelInfo, NodeStatus
+from gpu_router.transport import DEFAULT_MAX_BODY_BYTES, HttpClient, TransportError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A connect to a live host on a LAN takes milliseconds; a long connect timeout only delays the
 # verdict "down" for a host that is gone.
 CONNECT_TIMEOUT_CAP_S = 3.0
+MAX_VERSION_CHARS = 64
 
 
 class OllamaError(Exception):
@@ -214,7 +216,12 @@ def parse_show(body: Any, model: str, node: str = "node") -> ModelInfo:
 
 
 class OllamaClient:
-    """Talks to one Ollama node. Thread-safe for one caller at a time per method call."""
+    """Talks to one Ollama node. Thread-safe: concurrent calls use separate kept-alive connections.
+
+    ``headers`` go with every request (a value that is not Latin-1, or has CR/LF/NUL, is a ValueError
+    here, naming the header). ``https://`` nodes verify certificates, against ``ca_file`` if given,
+    unless ``tls_verify`` is False. ``max_body_bytes`` caps every response body after decompression.
+    """
 
     def __init__(
         self,
@@ -223,22 +230,26 @@ class OllamaClient:
         *,
         timeout_s: float,
         headers: Mapping[str, str] | None = None,
-        session: requests.Session | None = None,
+        ca_file: str | None = None,
+        tls_verify: bool = True,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self._session = session or requests.Session()
-        if headers:
-            self._session.headers.update(headers)
+        self._http = HttpClient(
+            self.url,
+            headers=headers,
+            timeout_s=timeout_s,
+            connect_timeout_s=min(timeout_s, CONNECT_TIMEOUT_CAP_S),
+            max_body_bytes=max_body_bytes,
+            ca_file=ca_file,
+            tls_verify=tls_verify,
+        )
 
     def close(self) -> None:
-        """Close the node's connection pool."""
-        self._session.close()
-
-    def _timeout(self, read_s: float | None) -> tuple[float, float]:
-        read = self.timeout_s if read_s is None else read_s
-        return (min(self.timeout_s, CONNECT_TIMEOUT_CAP_S), read)
+        """Close the node's kept-alive connections."""
+        self._http.close()
 
     def _call(
         self,
@@ -246,36 +257,32 @@ class OllamaClient:
         path: str,
         body: Mapping[str, Any] | None = None,
         *,
-        read_timeout_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> Any:
         try:
-            resp = self._session.request(
-                method, self.url + path, json=body, timeout=self._timeout(read_timeout_s)
-            )
-        except requests.Timeout as exc:
-            kind = "connect" if isinstance(exc, requests.ConnectTimeout) else "read"
-            secs = self._timeout(read_timeout_s)[0 if kind == "connect" else 1]
-            raise NodeUnreachable(self.name, f"{method} {path}: {kind} timed out after {secs:g}s") from None
-        except requests.ConnectionError as exc:
-            # A stall after the headers surfaces as a ConnectionError wrapping urllib3's read timeout.
-            if "Read timed out" in str(exc):
-                secs = self._timeout(read_timeout_s)[1]
-                raise NodeUnreachable(self.name, f"{method} {path}: read timed out after {secs:g}s") from None
-            raise NodeUnreachable(self.name, f"{method} {path}: {_reason(exc)}") from None
-        except requests.RequestException as exc:
-            raise BadResponse(self.name, f"{method} {path}: {exc.__class__.__name__}") from None
-        try:
-            data = resp.json()
-        except (ValueError, json.JSONDecodeError):
-            data = None
-            if resp.ok:
-                snippet = resp.text[:60].replace("\n", " ")
-                raise BadResponse(self.name, f"{method} {path}: invalid JSON ({snippet!r})") from None
-        if not resp.ok:
+            resp = self._http.request(method, path, json_body=body, timeout_s=timeout_s)
+        except TransportError as exc:
+            # Nothing (usable) answered: down. The server answered, but badly (TLS, cap, redirect,
+            # invalid HTTP): error.
+            kind = BadResponse if exc.answered else NodeUnreachable
+            raise kind(self.name, f"{method} {path}: {exc.reason}") from None
+        data, problem = _decode_json(resp.body)
+        if resp.status >= 400:
             error = data.get("error") if isinstance(data, dict) else None
-            text = error if isinstance(error, str) else resp.text[:120].strip() or resp.reason
-            raise ApiError(self.name, resp.status_code, f"{method} {path}: {text}")
+            text = error if isinstance(error, str) else _snippet(resp.body, 120) or resp.reason
+            raise ApiError(self.name, resp.status, f"{method} {path}: {_one_line(text)}")
+        if problem:
+            raise BadResponse(self.name, f"{method} {path}: {problem}")
         return data
+
+    def _parse(self, what: str, parse: Callable[[], T]) -> T:
+        """Run a ``parse_*`` function: whatever it raises for an absurd body is this node's error."""
+        try:
+            return parse()
+        except OllamaError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+            raise BadResponse(self.name, f"{what}: cannot use the response ({type(exc).__name__})") from None
 
     # Read-only calls: the report uses only these.
 
@@ -284,19 +291,26 @@ class OllamaClient:
         body = self._call("GET", "/api/version")
         if not isinstance(body, dict) or not isinstance(body.get("version"), str):
             raise BadResponse(self.name, "/api/version: no 'version' string")
-        return str(body["version"])
+        version = str(body["version"])
+        if len(version) > MAX_VERSION_CHARS:
+            # it goes into the report and the logs; Ollama's are like "0.12.6" or "0.13.0-rc1"
+            raise BadResponse(self.name, f"/api/version: a version string of {len(version)} characters")
+        return version
 
     def ps(self) -> tuple[LoadedModel, ...]:
         """``GET /api/ps``: the models loaded now."""
-        return parse_ps(self._call("GET", "/api/ps"), self.name)
+        body = self._call("GET", "/api/ps")
+        return self._parse("/api/ps", lambda: parse_ps(body, self.name))
 
     def tags(self) -> tuple[InstalledModel, ...]:
         """``GET /api/tags``: the models on the node's disk."""
-        return parse_tags(self._call("GET", "/api/tags"), self.name)
+        body = self._call("GET", "/api/tags")
+        return self._parse("/api/tags", lambda: parse_tags(body, self.name))
 
     def show(self, model: str) -> ModelInfo:
         """``POST /api/show``: metadata and capabilities of one model."""
-        return parse_show(self._call("POST", "/api/show", {"model": model}), model, self.name)
+        body = self._call("POST", "/api/show", {"model": model})
+        return self._parse(f"/api/show {model}", lambda: parse_show(body, model, self.name))
 
     # Mutating calls: only the executor uses these.
 
@@ -311,31 +325,39 @@ class OllamaClient:
     ) -> None:
         """Load ``model`` and pin it. Blocks until the runner is up (Ollama answers then).
 
-        ``options`` only when asked for (a priority model's num_ctx): options that differ from what
-        user traffic sends make Ollama reload the model on the first real request.
+        ``options`` is sent only when given: options other than what user traffic sends (num_ctx,
+        num_gpu) make Ollama reload the model on the first real request.
         """
         body: dict[str, Any] = {"model": model, "keep_alive": keep_alive}
-        if options:
+        if options is not None:
             body["options"] = dict(options)
-        self._call("POST", "/api/embed" if embedding else "/api/generate", body, read_timeout_s=timeout_s)
+        self._call("POST", "/api/embed" if embedding else "/api/generate", body, timeout_s=timeout_s)
 
     def unload(self, model: str) -> None:
         """Ask Ollama to unload ``model`` (``keep_alive: 0``); it answers at once and unloads async."""
         self._call("POST", "/api/generate", {"model": model, "keep_alive": 0})
 
 
-def _reason(exc: requests.ConnectionError) -> str:
-    text = str(exc)
-    for needle, reason in (
-        ("Connection refused", "connection refused"),
-        ("Name or service not known", "name does not resolve"),
-        ("nodename nor servname", "name does not resolve"),
-        ("Temporary failure in name resolution", "name does not resolve"),
-        ("No route to host", "no route to host"),
-        ("Network is unreachable", "network unreachable"),
-        ("RemoteDisconnected", "connection closed without a response"),
-        ("Connection reset", "connection reset"),
-    ):
-        if needle in text:
-            return reason
-    return "connection failed"
+def _decode_json(raw: bytes) -> tuple[Any, str]:
+    """``(value, "")``, or ``(None, why)`` for a body that is not strict UTF-8 JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"invalid JSON (not UTF-8 at byte {exc.start})"
+    try:
+        return json.loads(text), ""
+    except RecursionError:
+        return None, "invalid JSON (nested too deep)"
+    except ValueError as exc:  # JSONDecodeError, and int() past the digit limit
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "a number too long to read"
+        return None, f"invalid JSON ({detail}: {_snippet(raw, 60)!r})"
+
+
+def _snippet(raw: bytes, limit: int) -> str:
+    return raw[:limit].decode("utf-8", errors="replace").strip()
+
+
+def _one_line(text: str) -> str:
+    """An error text from a node, on one line and bounded: it goes into logs and the report."""
+    flat = "".join(c if c.isprintable() else " " for c in text).strip()
+    return flat if len(flat) <= 300 else flat[:297] + "..."

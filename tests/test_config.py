@@ -136,7 +136,7 @@ def test_rich_form() -> None:
             NodeConfig(
                 name="127.0.0.3:11434",
                 url="http://127.0.0.3:11434",
-                gpu=GpuSpec(kind="exporter", exporter_url="http://127.0.0.3:9835/metrics"),
+                gpu=GpuSpec(kind="exporter", exporter_url="http://127.0.0.3:9835/metrics", tls_verify=False),
                 ollama_env=MappingProxyType({"OLLAMA_NUM_PARALLEL": 2, "OLLAMA_FLASH_ATTENTION": True}),
                 tls_verify=False,
             ),
@@ -560,6 +560,13 @@ BAD = [
     (
         'nodes:\n  - url: http://a\n    headers: {Authorization: "a\\nb"}\n',
         ("config.yaml:3: nodes[0].headers.Authorization: a header value must not contain line breaks or NUL"),
+    ),
+    (
+        'nodes:\n  - url: http://a\n    headers: {X-Team: "\u00e9quipe \u20ac5"}\n',
+        (
+            "config.yaml:3: nodes[0].headers.X-Team: character 8 of the value (after ${VAR} expansion) "
+            "cannot be sent in an HTTP header (only Latin-1 text can)"
+        ),
     ),
     (
         "nodes:\n  - http://user:pw@a:11434\n",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
+import web
 import yaml
 
 from gpu_router.emulator import (
@@ -75,12 +75,12 @@ def make_node() -> Iterator[MakeNode]:
         n.stop()
 
 
-def post(node: EmulatedNode, path: str, body: Any = None, **kw: Any) -> requests.Response:
-    return requests.post(node.url + path, json=body, timeout=kw.pop("timeout", T), **kw)
+def post(node: EmulatedNode, path: str, body: Any = None, **kw: Any) -> web.Reply:
+    return web.post(node.url + path, json=body, timeout=kw.pop("timeout", T), **kw)
 
 
 def ps(node: EmulatedNode) -> list[dict[str, Any]]:
-    r = requests.get(node.url + "/api/ps", timeout=T)
+    r = web.get(node.url + "/api/ps", timeout=T)
     assert r.status_code == 200
     models = r.json()["models"]
     assert isinstance(models, list)
@@ -216,20 +216,20 @@ def test_bad_node_arguments_are_typed_errors() -> None:
 
 def test_root_version_head_and_unknown_path(make_node: MakeNode) -> None:
     node = make_node(name="n", version="0.12.6")
-    r = requests.get(node.url + "/", timeout=T)
+    r = web.get(node.url + "/", timeout=T)
     assert (r.status_code, r.text) == (200, "Ollama is running")
-    assert requests.get(node.url + "/api/version", timeout=T).json() == {"version": "0.12.6"}
-    head = requests.head(node.url + "/api/version", timeout=T)
+    assert web.get(node.url + "/api/version", timeout=T).json() == {"version": "0.12.6"}
+    head = web.head(node.url + "/api/version", timeout=T)
     assert head.status_code == 200
     assert head.content == b""
-    assert requests.head(node.url + "/api/tags", timeout=T).status_code == 200
-    assert requests.get(node.url + "/api/nothing", timeout=T).status_code == 404
-    assert requests.get(node.url + "/metrics", timeout=T).status_code == 404  # metrics=False
+    assert web.head(node.url + "/api/tags", timeout=T).status_code == 200
+    assert web.get(node.url + "/api/nothing", timeout=T).status_code == 404
+    assert web.get(node.url + "/metrics", timeout=T).status_code == 404  # metrics=False
 
 
 def test_tags_shape(make_node: MakeNode) -> None:
     node = make_node(name="n", models=("llama3.1:8b", "nomic-embed-text"), utc_offset_s=-7 * 3600)
-    models = requests.get(node.url + "/api/tags", timeout=T).json()["models"]
+    models = web.get(node.url + "/api/tags", timeout=T).json()["models"]
     assert sorted(m["name"] for m in models) == ["llama3.1:8b", "nomic-embed-text:latest"]
     for m in models:
         assert set(m) == TAGS_KEYS
@@ -248,7 +248,7 @@ def test_tags_shape(make_node: MakeNode) -> None:
 
 def test_ps_empty(make_node: MakeNode) -> None:
     node = make_node(name="n")
-    assert requests.get(node.url + "/api/ps", timeout=T).json() == {"models": []}
+    assert web.get(node.url + "/api/ps", timeout=T).json() == {"models": []}
 
 
 def test_show_llm(make_node: MakeNode) -> None:
@@ -304,7 +304,7 @@ def test_show_errors(make_node: MakeNode) -> None:
     assert (r.status_code, r.json()) == (404, {"error": "model 'nope' not found"})
     r = post(node, "/api/show", {})
     assert (r.status_code, r.json()) == (400, {"error": "model is required"})
-    r = requests.post(node.url + "/api/show", timeout=T)
+    r = web.post(node.url + "/api/show", timeout=T)
     assert (r.status_code, r.json()) == (400, {"error": "missing request body"})
 
 
@@ -402,7 +402,7 @@ def test_unknown_model_errors(make_node: MakeNode) -> None:
     r = post(node, "/api/chat", {"messages": []})
     assert (r.status_code, r.json()) == (400, {"error": "model is required"})
     for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings"):
-        r = requests.post(node.url + path, timeout=T)
+        r = web.post(node.url + path, timeout=T)
         assert (r.status_code, r.json()) == (400, {"error": "missing request body"})
 
 
@@ -653,7 +653,7 @@ def test_model_being_loaded_shows_in_ps_and_reads_keep_answering(make_node: Make
     )
     thread.start()
     seen_while_loading = wait_until(lambda: "llama3.2:latest" in ps_names(node) and thread.is_alive())
-    tags_ok = requests.get(node.url + "/api/tags", timeout=T).status_code == 200
+    tags_ok = web.get(node.url + "/api/tags", timeout=T).status_code == 200
     thread.join(T)
     assert seen_while_loading
     assert tags_ok
@@ -668,8 +668,8 @@ def test_restart_drops_models(make_node: MakeNode) -> None:
     assert node.events()[-1].kind == "restart"
     post(node, "/api/generate", {"model": "llama3.2"})
     node.restart(down_s=0.3, wait=False)
-    with pytest.raises(requests.ConnectionError):
-        requests.get(node.url + "/api/ps", timeout=T)
+    with pytest.raises(web.Unreachable):
+        web.get(node.url + "/api/ps", timeout=T)
     assert wait_until(lambda: node.running)
     assert ps(node) == []
 
@@ -717,34 +717,34 @@ def test_fault_refuse_and_relisten_on_the_same_port(make_node: MakeNode) -> None
     node = make_node(name="n")
     url = node.url
     node.set_fault(Fault.REFUSE)
-    with pytest.raises(requests.ConnectionError):
-        requests.get(url + "/api/version", timeout=T)
+    with pytest.raises(web.Unreachable):
+        web.get(url + "/api/version", timeout=T)
     node.clear_fault()
     assert node.url == url
-    assert requests.get(url + "/api/version", timeout=T).status_code == 200
+    assert web.get(url + "/api/version", timeout=T).status_code == 200
 
 
 def test_fault_refuse_on_some_paths_drops_those_connections(make_node: MakeNode) -> None:
     node = make_node(name="n")
     node.set_fault(Fault.REFUSE, paths=("/api/ps",))
-    with pytest.raises(requests.ConnectionError):
-        requests.get(node.url + "/api/ps", timeout=T)
-    assert requests.get(node.url + "/api/version", timeout=T).status_code == 200
+    with pytest.raises(web.Unreachable):
+        web.get(node.url + "/api/ps", timeout=T)
+    assert web.get(node.url + "/api/version", timeout=T).status_code == 200
 
 
 def test_fault_hang_times_out_while_others_answer(make_node: MakeNode) -> None:
     node = make_node(name="n")
     other = make_node(name="m")
     node.set_fault(Fault.HANG, paths=("/api/ps",))
-    with pytest.raises(requests.Timeout):
-        requests.get(node.url + "/api/ps", timeout=(T, 0.2))
-    assert requests.get(node.url + "/api/version", timeout=T).status_code == 200
-    assert requests.get(other.url + "/api/ps", timeout=T).status_code == 200
+    with pytest.raises(web.Timeout):
+        web.get(node.url + "/api/ps", timeout=0.2)
+    assert web.get(node.url + "/api/version", timeout=T).status_code == 200
+    assert web.get(other.url + "/api/ps", timeout=T).status_code == 200
     node.set_fault(Fault.HANG)
-    with pytest.raises(requests.Timeout):
-        requests.get(node.url + "/api/version", timeout=(T, 0.2))
+    with pytest.raises(web.Timeout):
+        web.get(node.url + "/api/version", timeout=0.2)
     node.clear_fault()
-    assert requests.get(node.url + "/api/ps", timeout=T).json() == {"models": []}
+    assert web.get(node.url + "/api/ps", timeout=T).json() == {"models": []}
 
 
 def test_stop_does_not_wait_for_hanging_requests() -> None:
@@ -755,8 +755,8 @@ def test_stop_does_not_wait_for_hanging_requests() -> None:
 
     def call() -> None:
         try:
-            requests.get(node.url + "/api/ps", timeout=T)
-        except requests.RequestException as exc:
+            web.get(node.url + "/api/ps", timeout=T)
+        except web.RequestError as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=call)
@@ -772,17 +772,17 @@ def test_stop_does_not_wait_for_hanging_requests() -> None:
 def test_fault_http500_garbage_wrong_shape(make_node: MakeNode) -> None:
     node = make_node(name="n", models=("llama3.2",))
     node.set_fault(Fault.HTTP500)
-    r = requests.get(node.url + "/api/ps", timeout=T)
+    r = web.get(node.url + "/api/ps", timeout=T)
     assert r.status_code == 500
     assert isinstance(r.json()["error"], str)
     assert post(node, "/api/generate", {"model": "llama3.2"}).status_code == 500
     node.set_fault(Fault.GARBAGE)
-    r = requests.get(node.url + "/api/ps", timeout=T)
+    r = web.get(node.url + "/api/ps", timeout=T)
     assert r.status_code == 200
-    with pytest.raises(requests.JSONDecodeError):
+    with pytest.raises(json.JSONDecodeError):
         r.json()
     node.set_fault(Fault.WRONG_SHAPE)
-    r = requests.get(node.url + "/api/ps", timeout=T)
+    r = web.get(node.url + "/api/ps", timeout=T)
     assert r.status_code == 200
     assert r.json() == {"models": "x"}
     node.clear_fault()
@@ -792,10 +792,10 @@ def test_fault_http500_garbage_wrong_shape(make_node: MakeNode) -> None:
 def test_fault_slow(make_node: MakeNode) -> None:
     node = make_node(name="n")
     node.set_fault(Fault.SLOW, slow_s=0.4, paths=("/api/ps",))
-    with pytest.raises(requests.Timeout):
-        requests.get(node.url + "/api/ps", timeout=(T, 0.05))
-    assert requests.get(node.url + "/api/ps", timeout=T).json() == {"models": []}
-    assert requests.get(node.url + "/api/version", timeout=(T, 0.2)).status_code == 200
+    with pytest.raises(web.Timeout):
+        web.get(node.url + "/api/ps", timeout=0.05)
+    assert web.get(node.url + "/api/ps", timeout=T).json() == {"models": []}
+    assert web.get(node.url + "/api/version", timeout=0.2).status_code == 200
 
 
 # -- recording and metrics --------------------------------------------------------------------
@@ -803,7 +803,7 @@ def test_fault_slow(make_node: MakeNode) -> None:
 
 def test_request_recording(make_node: MakeNode) -> None:
     node = make_node(name="n", models=("llama3.2",))
-    requests.get(node.url + "/api/ps", timeout=T)
+    web.get(node.url + "/api/ps", timeout=T)
     post(node, "/api/show", {"model": "llama3.2"})
     post(node, "/api/generate", {"model": "llama3.2", "keep_alive": "5m"})
     recorded = node.requests
@@ -824,7 +824,7 @@ def test_pull_and_delete_are_mutating(make_node: MakeNode) -> None:
     node = make_node(name="n", models=("llama3.2",))
     assert post(node, "/api/pull", {"model": "all-minilm", "stream": False}).json() == {"status": "success"}
     assert "all-minilm:latest" in [m.name for m in node.installed()]
-    r = requests.delete(node.url + "/api/delete", json={"model": "llama3.2"}, timeout=T)
+    r = web.delete(node.url + "/api/delete", json={"model": "llama3.2"}, timeout=T)
     assert r.status_code == 200
     assert [m.name for m in node.installed()] == ["all-minilm:latest"]
     assert [r.path for r in node.mutating_requests()] == ["/api/pull", "/api/delete"]
@@ -847,7 +847,7 @@ def test_metrics_dcgm_format(make_node: MakeNode) -> None:
         name="gpu-box", gpus_mib=(8192, 4096), metrics=True, models=("llama3.2",), reserved_mib=100
     )
     node.set_other_usage_mib(1, 512)
-    text = requests.get(node.metrics_url, timeout=T).text
+    text = web.get(node.metrics_url, timeout=T).text
     for metric in ("DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_RESERVED"):
         assert f"# HELP {metric} " in text
         assert f"# TYPE {metric} gauge" in text
@@ -865,7 +865,7 @@ def test_metrics_dcgm_format(make_node: MakeNode) -> None:
     assert labels["modelName"].startswith("NVIDIA")
     assert "pci_bus_id" in labels
     post(node, "/api/generate", {"model": "llama3.2"})
-    after = parse_metrics(requests.get(node.metrics_url, timeout=T).text)
+    after = parse_metrics(web.get(node.metrics_url, timeout=T).text)
     size_vram = ps(node)[0]["size_vram"]
     assert after["DCGM_FI_DEV_FB_USED/0"]["value"] == size_vram // MIB
 
@@ -879,9 +879,9 @@ def test_cluster_context_manager() -> None:
         assert cluster["b"] is b
         assert len(cluster) == 2
         for n in cluster:
-            assert requests.get(n.url + "/api/version", timeout=T).status_code == 200
-    with pytest.raises(requests.ConnectionError):
-        requests.get(a.url + "/api/version", timeout=T)
+            assert web.get(n.url + "/api/version", timeout=T).status_code == 200
+    with pytest.raises(web.Unreachable):
+        web.get(a.url + "/api/version", timeout=T)
 
 
 def test_demo_cluster() -> None:
@@ -906,7 +906,7 @@ def test_demo_cluster() -> None:
         assert len(ps(big)) == 2
         assert "nomic-embed-text:latest" in [m.name for m in small.installed()]
         assert "nomic-embed-text:latest" in [m.name for m in big.installed()]
-        assert requests.get(big.metrics_url, timeout=T).status_code == 200
+        assert web.get(big.metrics_url, timeout=T).status_code == 200
         config = cluster.config(["nomic-embed-text:latest"])
         gpu_by_name = {n["name"]: n["gpu"] for n in config["nodes"]}
         assert gpu_by_name["cpu-only"] == "none"
@@ -934,8 +934,8 @@ def test_cli_runs_nodes_and_writes_config(tmp_path: Path) -> None:
         config = yaml.safe_load(config_path.read_text())
         assert [n["name"] for n in config["nodes"]] == ["node-1", "node-2"]
         for n in config["nodes"]:
-            assert requests.get(n["url"] + "/api/version", timeout=T).status_code == 200
-            assert requests.get(n["gpu"]["exporter"], timeout=T).status_code == 200
+            assert web.get(n["url"] + "/api/version", timeout=T).status_code == 200
+            assert web.get(n["gpu"]["exporter"], timeout=T).status_code == 200
         assert config["priority_models"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=T) == 0

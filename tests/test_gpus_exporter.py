@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,6 +18,7 @@ from gpu_router.gpus.exporter import ExporterSource, redact_url
 from gpu_router.gpus.exporter_nvidia import interpret_dcgm, interpret_nvidia_smi
 from gpu_router.gpus.scrape import PromParseError, parse_prometheus_text, parse_sample_line
 from gpu_router.state import MIB, GpuReading, VramSource
+from gpu_router.transport import HttpClient
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exporter"
 TIMEOUT_S = 0.5
@@ -29,6 +30,7 @@ class Route:
     body: bytes = b""
     hang_before_headers: bool = False
     hang_mid_body: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ExporterServer:
@@ -36,11 +38,16 @@ class ExporterServer:
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        self.probes: list[str] = []  # X-Probe header values received, in order
+        self.paths: list[str] = []  # every path asked for, in order
         self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                server.paths.append(self.path)
+                if "X-Probe" in self.headers:
+                    server.probes.append(self.headers["X-Probe"])
                 route = server.routes.get(self.path)
                 if route is None:
                     self.send_error(404)
@@ -51,13 +58,17 @@ class ExporterServer:
                 self.send_response(route.status)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(route.body)))
+                for name, value in route.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if route.hang_mid_body:
                     self.wfile.write(route.body[:10])
                     self.wfile.flush()
                     server.release.wait(30)
                     return
-                self.wfile.write(route.body)
+                # a client that refuses the body at its cap hangs up: that is what the test wants
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(route.body)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -173,7 +184,7 @@ def test_server_that_never_answers_times_out(server: ExporterServer) -> None:
     url = server.url("/metrics")
     reading = read(url)
     assert reading.source is VramSource.UNKNOWN
-    assert reading.error == f"exporter {url}: timed out after 0.5s"
+    assert reading.error == f"exporter {url}: timed out after 0.5s waiting for the response headers"
 
 
 def test_server_that_stalls_mid_body_times_out(server: ExporterServer) -> None:
@@ -226,14 +237,15 @@ def test_credentials_in_the_url_never_reach_the_error(server: ExporterServer) ->
     assert reading.error == f"exporter http://127.0.0.1:{port}/metrics: HTTP 503 Service Unavailable"
 
 
-def test_a_caller_session_is_used_and_left_open(server: ExporterServer) -> None:
-    session = requests.Session()
-    session.headers["X-Probe"] = "1"
-    source = ExporterSource(server.serve_file("/metrics", "dcgm_fb_mib.prom"), TIMEOUT_S, session=session)
+def test_a_caller_client_is_used_and_left_open(server: ExporterServer) -> None:
+    url = server.serve_file("/metrics", "dcgm_fb_mib.prom")
+    client = HttpClient(server.url(""), headers={"X-Probe": "1"}, timeout_s=TIMEOUT_S)
+    source = ExporterSource(url, TIMEOUT_S, client=client)
     assert len(source.read().gpus) == 2
     source.close()
-    assert len(source.read().gpus) == 2, "close() must not close a session it does not own"
-    session.close()
+    assert len(source.read().gpus) == 2, "close() must not close a client it does not own"
+    assert server.probes == ["1", "1"]
+    client.close()
 
 
 # -- interpretation details -------------------------------------------------------------------------------
@@ -320,6 +332,38 @@ def test_parser_rejects_malformed_lines(line: str) -> None:
     with pytest.raises(PromParseError):
         parse_sample_line(line)
     assert parse_prometheus_text(f"ok 1\n{line}\n") == ([parse_sample_line("ok 1")], 1)
+
+
+def test_body_over_the_cap_is_unknown(server: ExporterServer) -> None:
+    url = server.serve_file("/metrics", "nvidia_gpu_exporter_two_gpus.prom")
+    source = ExporterSource(url, TIMEOUT_S, max_body_bytes=1000)
+    reading = source.read()
+    source.close()
+    assert reading.source is VramSource.UNKNOWN
+    assert "is over the 1000 bytes cap" in err(reading)
+
+
+def test_default_cap_is_4_mib(server: ExporterServer) -> None:
+    line = b"# HELP padding " + b"x" * 1000 + b"\n"
+    server.routes["/metrics"] = Route(body=line * 4300)  # 4.4 MB
+    assert "over the 4 MiB cap" in err(read(server.url("/metrics")))
+
+
+def test_redirect_is_not_followed(server: ExporterServer) -> None:
+    server.serve_file("/real", "dcgm_fb_mib.prom")
+    server.routes["/metrics"] = Route(status=302, headers={"Location": "/real?token=x"})
+    reading = read(server.url("/metrics"))
+    assert reading.source is VramSource.UNKNOWN
+    assert err(reading).endswith(f"redirect refused: HTTP 302 to {server.url('/real')}")
+    assert server.paths == ["/metrics"]
+
+
+def test_stray_bytes_do_not_hide_the_gpus(server: ExporterServer) -> None:
+    body = b"# HELP junk caf\xe9 \xff\xfe\n" + (FIXTURES / "dcgm_fb_mib.prom").read_bytes()
+    server.routes["/metrics"] = Route(body=body)
+    reading = read(server.url("/metrics"))
+    assert reading.source is VramSource.EXPORTER
+    assert len(reading.gpus) == 2
 
 
 _label_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rawserver import CA_FILE, RawServer, response, serve_requests, server_tls_context
 
 from gpu_router.ollama import (
     ApiError,
@@ -568,6 +569,7 @@ class Route:
     hang: bool = False  # never answer (until the test ends)
     hang_mid_body: bool = False  # send headers and part of the body, then hang
     close: bool = False  # close the connection without a response
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. Location)
 
 
 @dataclass(frozen=True)
@@ -632,6 +634,8 @@ class FakeOllama:
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
                 self.send_header("Content-Length", str(len(route.body)))
+                for name, value in route.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if route.hang_mid_body:
                     self.wfile.write(route.body[:5])
@@ -689,8 +693,10 @@ def ollama() -> Iterator[FakeOllama]:
 def make_client() -> Iterator[Callable[..., OllamaClient]]:
     clients: list[OllamaClient] = []
 
-    def make(url: str, *, timeout_s: float = 5.0, headers: dict[str, str] | None = None) -> OllamaClient:
-        client = OllamaClient("gpu1", url, timeout_s=timeout_s, headers=headers)
+    def make(
+        url: str, *, timeout_s: float = 5.0, headers: dict[str, str] | None = None, **kw: Any
+    ) -> OllamaClient:
+        client = OllamaClient("gpu1", url, timeout_s=timeout_s, headers=headers, **kw)
         clients.append(client)
         return client
 
@@ -803,7 +809,7 @@ def test_hang_is_read_timeout(ollama: FakeOllama, make_client: Callable[..., Oll
     with pytest.raises(NodeUnreachable) as info:
         client.ps()
     assert info.value.status is NodeStatus.DOWN
-    assert "read timed out after 0.3s" in str(info.value)
+    assert "timed out after 0.3s waiting for the response headers" in str(info.value)
     assert len(ollama.requests()) == 1  # no silent retry
 
 
@@ -993,7 +999,7 @@ def test_load_uses_its_own_read_timeout(ollama: FakeOllama, make_client: Callabl
     ollama.routes[("GET", "/api/ps")] = Route(body=fixture_bytes("ps-docs.json"), delay_s=0.5)
     client = make_client(ollama.url, timeout_s=0.2)
     # the same delay is a timeout for an ordinary call...
-    with pytest.raises(NodeUnreachable, match=r"read timed out after 0\.2s"):
+    with pytest.raises(NodeUnreachable, match=r"timed out after 0\.2s waiting for the response headers"):
         client.ps()
     # ...but not for a load, which waits for the runner to come up
     client.load("llama3.2", embedding=False, timeout_s=2.0)
@@ -1005,6 +1011,108 @@ def test_load_timeout_is_reported_with_the_load_timeout(
 ) -> None:
     ollama.routes[("POST", "/api/embed")] = Route(hang=True)
     client = make_client(ollama.url, timeout_s=5.0)
-    with pytest.raises(NodeUnreachable, match=r"POST /api/embed: read timed out after 0\.3s") as info:
+    with pytest.raises(
+        NodeUnreachable, match=r"POST /api/embed: timed out after 0\.3s waiting for the response headers"
+    ) as info:
         client.load("nomic-embed-text", embedding=True, timeout_s=0.3)
     assert info.value.status is NodeStatus.DOWN
+
+
+def test_load_sends_options_only_when_given(ollama: FakeOllama, client: OllamaClient) -> None:
+    ollama.route_fixture("POST", "/api/generate", "generate-load.json")
+    client.load("llama3.2", embedding=False, timeout_s=5.0, options={"num_ctx": 8192})
+    assert _only_body(ollama, "POST", "/api/generate") == {
+        "model": "llama3.2",
+        "keep_alive": -1,
+        "options": {"num_ctx": 8192},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile answers: each is the node's error, never an exception of another kind
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b"[" * 200_000, "nested too deep"),
+        (b'{"version": "0.5.\xff"}', "not UTF-8 at byte 17"),
+        (b'{"version": ' + b"9" * 5000 + b"}", "invalid JSON"),
+        (b"\xef\xbb\xbf" + b'{"version": "0.5.1"}', "invalid JSON"),  # a BOM is not JSON
+    ],
+)
+def test_undecodable_bodies_are_bad_responses(
+    ollama: FakeOllama, client: OllamaClient, raw: bytes, needle: str
+) -> None:
+    ollama.route("GET", "/api/version", raw=raw)
+    with pytest.raises(BadResponse, match=needle) as info:
+        client.version()
+    assert info.value.status is NodeStatus.ERROR
+    assert "\n" not in str(info.value)
+
+
+def test_body_over_the_cap_is_bad_response(
+    ollama: FakeOllama, make_client: Callable[..., OllamaClient]
+) -> None:
+    ollama.route("GET", "/api/tags", {"models": [{"name": "x" * 100, "size": 1}] * 50})
+    client = make_client(ollama.url, max_body_bytes=1000)
+    with pytest.raises(
+        BadResponse, match=r"GET /api/tags: response body of \d+ bytes is over the 1000 bytes cap"
+    ):
+        client.tags()
+
+
+def test_redirect_is_bad_response_and_not_followed(
+    ollama: FakeOllama, make_client: Callable[..., OllamaClient]
+) -> None:
+    elsewhere = FakeOllama()
+    try:
+        target = f"{elsewhere.url}/api/show"
+        ollama.routes[("POST", "/api/show")] = Route(
+            status=307, body=b"", headers={"Location": target + "?t=1"}
+        )
+        client = make_client(ollama.url, headers={"X-Api-Key": SECRET})
+        with pytest.raises(BadResponse) as info:
+            client.show("llama3.2")
+        assert str(info.value) == f"gpu1: POST /api/show: redirect refused: HTTP 307 to {target}"
+        assert info.value.status is NodeStatus.ERROR
+        assert elsewhere.requests() == []
+    finally:
+        elsewhere.stop()
+
+
+def test_absurd_version_string_is_bad_response(ollama: FakeOllama, client: OllamaClient) -> None:
+    ollama.route("GET", "/api/version", {"version": "9" * 10_000})
+    with pytest.raises(BadResponse, match="a version string of 10000 characters"):
+        client.version()
+
+
+def test_exception_inside_a_parser_is_bad_response(ollama: FakeOllama, client: OllamaClient) -> None:
+    # parse_show reads num_ctx with int(): past Python's 4300-digit limit that is a ValueError
+    body = {"model_info": {"general.architecture": "llama"}, "parameters": "num_ctx " + "1" * 5000}
+    ollama.route("POST", "/api/show", body)
+    with pytest.raises(BadResponse, match=r"/api/show llama3\.2: cannot use the response \(ValueError\)"):
+        client.show("llama3.2")
+
+
+def test_header_value_outside_latin1_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ValueError, match="'Authorization'") as info:
+        OllamaClient("gpu1", "http://127.0.0.1:1", timeout_s=1.0, headers={"Authorization": "Bearer тoken"})
+    assert "тoken" not in str(info.value)
+
+
+def test_https_node_verifies_its_certificate() -> None:
+    server = RawServer(
+        serve_requests(lambda req: response(body=b'{"version":"0.12.6"}')), tls=server_tls_context()
+    )
+    try:
+        unverified = OllamaClient("gpu1", server.url, timeout_s=5.0)
+        with pytest.raises(BadResponse, match="TLS certificate verify failed") as info:
+            unverified.version()
+        assert info.value.status is NodeStatus.ERROR
+        verified = OllamaClient("gpu1", server.url, timeout_s=5.0, ca_file=CA_FILE)
+        assert verified.version() == "0.12.6"
+        for c in (unverified, verified):
+            c.close()
+    finally:
+        server.close()

@@ -9,16 +9,10 @@ Four exporters are understood, recognised by the metric names a scrape carries (
 from __future__ import annotations
 
 import logging
-import socket
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
-
-import requests
-import urllib3.exceptions
 
 from gpu_router.gpus.exporter_amd import (
     DEVICE_METRICS_LABEL,
@@ -30,10 +24,14 @@ from gpu_router.gpus.exporter_nvidia import DCGM_LABEL, NVIDIA_SMI_LABEL, interp
 from gpu_router.gpus.health import HealthTracker
 from gpu_router.gpus.scrape import ExporterMatch, Sample, parse_prometheus_text
 from gpu_router.state import MIB, GpuReading, VramSource
+from gpu_router.transport import HttpClient, TransportError
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 32 * MIB  # a full dcgm scrape of an 8-GPU node is well under 1 MiB
+# Real scrapes: nvidia_gpu_exporter on one H100 under load is 29 KB, so about 240 KB for 8 GPUs; dcgm-exporter
+# with its default counters is smaller. 4 MiB is >10x an 8-GPU node's page and still cheap to hold.
+MAX_BODY_BYTES = 4 * MIB
+_ACCEPT = "text/plain;version=0.0.4;q=0.9, */*;q=0.1"
 
 
 @dataclass(frozen=True)
@@ -87,64 +85,48 @@ class _FetchError(Exception):
     """Why the exporter page could not be fetched, as a short phrase."""
 
 
-def _find_in_chain(
-    exc: BaseException,
-    kinds: tuple[type[BaseException], ...],
-    exclude: tuple[type[BaseException], ...] = (),
-) -> BaseException | None:
-    """Search an exception's causes, contexts, ``args`` and urllib3 ``reason`` for one of ``kinds``."""
-    stack: list[Any] = [exc]
-    seen: set[int] = set()
-    while stack:
-        cur = stack.pop()
-        if not isinstance(cur, BaseException) or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, kinds) and not isinstance(cur, exclude):
-            return cur
-        stack.extend([cur.__cause__, cur.__context__, getattr(cur, "reason", None), *cur.args])
-    return None
-
-
-def _describe_request_error(exc: requests.RequestException, timeout_s: float) -> str:
-    if _find_in_chain(exc, (ConnectionRefusedError,)) is not None:
-        return "connection refused"
-    if _find_in_chain(exc, (socket.gaierror,)) is not None:
-        return "cannot resolve the host name"
-    # urllib3's NewConnectionError subclasses its ConnectTimeoutError for history's sake; it is not a timeout.
-    timeouts = (TimeoutError, urllib3.exceptions.TimeoutError)
-    if isinstance(exc, requests.Timeout) or _find_in_chain(
-        exc, timeouts, exclude=(urllib3.exceptions.NewConnectionError,)
-    ):
-        return f"timed out after {timeout_s:g}s"
-    if isinstance(
-        exc,
-        (
-            requests.exceptions.InvalidURL,
-            requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidSchema,
-        ),
-    ):
-        return f"invalid URL ({exc})"
-    if isinstance(exc, requests.ConnectionError):
-        inner = _find_in_chain(exc, (OSError,), exclude=(requests.RequestException,))
-        return f"cannot connect ({inner if inner is not None else type(exc).__name__})"
-    return f"request failed ({type(exc).__name__}: {exc})"
-
-
 class ExporterSource:
-    """GPU memory scraped from a dcgm-exporter or nvidia_gpu_exporter ``/metrics`` URL."""
+    """GPU memory scraped from an exporter's ``/metrics`` URL (see :data:`EXPORTER_KINDS`).
+
+    ``timeout_s`` is the wall-clock deadline of one scrape. ``ca_file``/``tls_verify`` are for an
+    ``https://`` exporter. ``client`` is a seam: an :class:`HttpClient` for the exporter's origin,
+    used as given and left open by :meth:`close`.
+    """
 
     kind = VramSource.EXPORTER
 
-    def __init__(self, url: str, timeout_s: float, session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        *,
+        ca_file: str | None = None,
+        tls_verify: bool = True,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        client: HttpClient | None = None,
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self._display_url = redact_url(url)
-        self._own_session = session is None
-        self._session = session if session is not None else requests.Session()
-        # requests' read timeout is per socket read; a server dripping bytes needs a whole-request cap too.
-        self._total_timeout_s = 2 * timeout_s
+        self._path = "/"
+        self._client: HttpClient | None = client
+        self._own_client = client is None
+        self._problem = ""
+        try:
+            parts = urlsplit(url)
+            self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if client is None:
+                origin = f"{parts.scheme}://{parts.netloc}"
+                self._client = HttpClient(
+                    origin,
+                    headers={"Accept": _ACCEPT},
+                    timeout_s=timeout_s,
+                    max_body_bytes=max_body_bytes,
+                    ca_file=ca_file,
+                    tls_verify=tls_verify,
+                )
+        except ValueError as exc:
+            self._problem = f"invalid URL ({exc})"
 
     def read(self) -> GpuReading:
         """Scrape once; a reading with ``error`` (never an exception) when the exporter fails."""
@@ -152,8 +134,12 @@ class ExporterSource:
             text = self._fetch()
         except _FetchError as exc:
             return self._failed(str(exc))
-        samples, bad_lines = parse_prometheus_text(text)
-        found = interpret_samples(samples)
+        try:
+            samples, bad_lines = parse_prometheus_text(text)
+            found = interpret_samples(samples)
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+            # An absurd page (a label int() cannot read, say) is this exporter's problem, not the loop's.
+            return self._failed(f"cannot interpret the response ({type(exc).__name__})")
         if found is None:
             hint = f", {bad_lines} unparseable lines" if bad_lines else ""
             expected = " or ".join(k.families for k in EXPORTER_KINDS)
@@ -176,9 +162,9 @@ class ExporterSource:
         return HealthTracker(f"exporter {redact_url(self.url)}")
 
     def close(self) -> None:
-        """Close the HTTP session if this source created it."""
-        if self._own_session:
-            self._session.close()
+        """Close the HTTP client's connections if this source created it."""
+        if self._own_client and self._client is not None:
+            self._client.close()
 
     def _failed(self, why: str) -> GpuReading:
         error = f"exporter {self._display_url}: {why}"
@@ -186,26 +172,14 @@ class ExporterSource:
         return GpuReading(VramSource.UNKNOWN, (), error=error)
 
     def _fetch(self) -> str:
-        deadline = time.monotonic() + self._total_timeout_s
+        if self._client is None:
+            raise _FetchError(self._problem or "no HTTP client")
         try:
-            with self._session.get(
-                self.url,
-                timeout=(self.timeout_s, self.timeout_s),
-                stream=True,
-                headers={"Accept": "text/plain;version=0.0.4;q=0.9, */*;q=0.1"},
-            ) as resp:
-                if resp.status_code != 200:
-                    raise _FetchError(f"HTTP {resp.status_code} {resp.reason or ''}".rstrip())
-                chunks: list[bytes] = []
-                size = 0
-                for chunk in resp.iter_content(chunk_size=64 * 1024):
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        raise _FetchError(f"response larger than {MAX_BODY_BYTES // MIB} MiB")
-                    if time.monotonic() > deadline:
-                        raise _FetchError(f"response not complete after {self._total_timeout_s:g}s")
-                    chunks.append(chunk)
-        except requests.RequestException as exc:
-            raise _FetchError(_describe_request_error(exc, self.timeout_s)) from exc
-        # The exposition format is UTF-8 by definition; requests would guess ISO-8859-1 for bare text/plain.
-        return b"".join(chunks).decode("utf-8", errors="replace")
+            resp = self._client.request("GET", self._path, timeout_s=self.timeout_s)
+        except TransportError as exc:
+            raise _FetchError(exc.reason) from None
+        if resp.status != 200:
+            reason = " ".join(resp.reason.split())[:80]  # the server's words: one short line
+            raise _FetchError(f"HTTP {resp.status} {reason}".rstrip())
+        # The exposition format is UTF-8 by definition; a stray byte must not hide every GPU.
+        return resp.body.decode("utf-8", errors="replace")

@@ -68,7 +68,7 @@ def _exporter(spec: GpuSpec, timeout_s: float) -> GpuSource:
         return UnknownSource("gpu kind is exporter but no exporter URL is configured")
     from gpu_router.gpus.exporter import ExporterSource
 
-    return ExporterSource(spec.exporter_url, timeout_s)
+    return ExporterSource(spec.exporter_url, timeout_s, ca_file=spec.ca_file, tls_verify=spec.tls_verify)
 
 
 GPU_SOURCE_KINDS: tuple[GpuSourceKind, ...] = (

@@ -219,8 +219,6 @@ class Notifier:
 # --- logging ---------------------------------------------------------------------------------
 
 _LOGGER_NAME = "gpu_router"
-# Libraries whose warnings the daemon should show; everything else stays quiet.
-_LIBRARY_LOGGERS = ("urllib3",)
 _JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
 _PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _PLAIN_DATEFMT = "%Y-%m-%d %H:%M:%S"
@@ -326,11 +324,10 @@ def setup_logging(
         handler.setFormatter(logging.Formatter(_PLAIN_FORMAT, _PLAIN_DATEFMT))
 
     old = _handler
-    for name in (_LOGGER_NAME, *_LIBRARY_LOGGERS):
-        logger = logging.getLogger(name)
-        if old is not None:
-            logger.removeHandler(old)
-        logger.addHandler(handler)
+    logger = logging.getLogger(_LOGGER_NAME)
+    if old is not None:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
     _handler = handler
     if old is not None:
         old.close()
@@ -342,12 +339,10 @@ def setup_logging(
 
 
 def set_level(level: str | int) -> None:
-    """Set the level of the ``gpu_router`` loggers (library loggers stay at WARNING or above).
+    """Set the level of the ``gpu_router`` loggers.
 
     Raises:
         ValueError: ``level`` is not a known level name.
     """
     levelno = _parse_level(level)
     logging.getLogger(_LOGGER_NAME).setLevel(levelno)
-    for name in _LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(max(levelno, logging.WARNING))

@@ -473,3 +473,12 @@ def test_a_rising_xid_window_count_is_a_new_error(server: ExporterServer) -> Non
         assert (gpu.healthy, gpu.health_reason) == (False, "new XID error 31 since the previous scrape")
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("label", ["\u00b2", "1" * 5000, "-1", "nvidia\u00b3", ""])
+def test_odd_gpu_index_labels_are_not_numbers(label: str) -> None:
+    from gpu_router.gpus.scrape import int_label
+
+    assert int_label(label) is None
+    assert int_label("nvidia3") == 3
+    assert int_label(" 7 ") == 7

@@ -158,10 +158,9 @@ def int_label(value: str | None) -> int | None:
     """A GPU index label (``0``, or dcgm's ``nvidia0``) as an int; None when absent or not a number."""
     if value is None:
         return None
-    value = value.strip()
-    if value.startswith("nvidia") and value[6:].isdigit():  # dcgm "device" label: nvidia0
-        return int(value[6:])
-    return int(value) if value.isdigit() else None
+    value = value.strip().removeprefix("nvidia")  # dcgm's "device" label: nvidia0
+    # isdigit() alone admits "²" and 5,000-digit strings that int() rejects or chokes on.
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None
 
 
 @dataclass

@@ -25,8 +25,17 @@ CACHE_PADDING = 256
 _SWA_MEMORY_4096 = frozenset({"gptoss", "gpt-oss", "gemma4"})
 # llama.cpp's encoder-only embedding architectures: no KV cache at all (llama_model::create_memory).
 NON_CAUSAL_ARCHS = frozenset(
-    {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "neo-bert", "modern-bert",
-     "t5encoder", "gemma-embedding"}
+    {
+        "bert",
+        "nomic-bert",
+        "nomic-bert-moe",
+        "jina-bert-v2",
+        "jina-bert-v3",
+        "neo-bert",
+        "modern-bert",
+        "t5encoder",
+        "gemma-embedding",
+    }
 )
 
 
@@ -80,7 +89,12 @@ def _owns_cache(shape: Shape, info: ModelInfo, i: int) -> bool:
 def ollama_engine_cache(
     shape: Shape, info: ModelInfo, context: int, parallel: int, batch: int, kv_bytes: float
 ) -> tuple[int, ...]:
-    """Bytes of each layer's cache in the Ollama engine (``kvcache`` Causal/SWA/Wrapper)."""
+    """Bytes of each layer's cache in the Ollama engine (``kvcache`` Causal/SWA/Wrapper).
+
+    The encoder models (``model/models/bert``, ``nomicbert`` at v0.20.0) have no cache at all.
+    """
+    if shape.arch in NON_CAUSAL_ARCHS:
+        return (0,) * shape.layers
     swa = sliding_layers(shape, info)
     window = info.sliding_window or 0
     memory = 4096 if shape.arch in _SWA_MEMORY_4096 else window

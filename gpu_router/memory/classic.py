@@ -153,7 +153,8 @@ def full_offload_need(inputs: ClassicInputs, gpu_count: int = 1) -> int:
 
     One GPU: minimum + buffer layer + every layer with its KV + output layer + projector, plus the
     larger graph and OLLAMA_GPU_OVERHEAD, which the fit test keeps free. More GPUs: each pays the
-    minimum, the buffer layer, the overhead and (partial, as multi-GPU uses it) graph again.
+    minimum, the buffer layer, the overhead and (partial, as multi-GPU uses it) graph again, and
+    each further GPU one layer of slack: layers are whole, and the output layer lands on one GPU.
     """
     layers = len(inputs.block_bytes)
     buffer = inputs.block_bytes[0] + inputs.kv[0] if layers else 0
@@ -163,7 +164,11 @@ def full_offload_need(inputs: ClassicInputs, gpu_count: int = 1) -> int:
         return inputs.overhead_bytes + inputs.minimum_bytes + buffer + inputs.gpu_zero_bytes + body + graph
     graph = inputs.graph_full if inputs.metal else inputs.graph_partial
     per_gpu = inputs.overhead_bytes + inputs.minimum_bytes + buffer + graph
-    return gpu_count * per_gpu + inputs.gpu_zero_bytes + body
+    largest = max(
+        max((b + k for b, k in zip(inputs.block_bytes, inputs.kv, strict=False)), default=0),
+        inputs.output_bytes + inputs.last_layer_extra_bytes,
+    )
+    return gpu_count * per_gpu + inputs.gpu_zero_bytes + body + (gpu_count - 1) * largest
 
 
 def full_offload_size(inputs: ClassicInputs) -> int:

@@ -21,6 +21,8 @@ CONTEXT_ENV_SINCE: Version = (0, 5, 13)  # 314573bfe: OLLAMA_CONTEXT_LENGTH is r
 DEFAULT_4096_SINCE: Version = (0, 6, 7)
 VRAM_TIERS_SINCE: Version = (0, 15, 5)
 VISION_MINIMUM_SINCE: Version = (0, 11, 5)
+CLAMP_SINCE: Version = (0, 9, 3)  # 10a8e04a8 "avoid context overflow": the runner clamps to training
+FIT_AFTER_CLAMP_SINCE: Version = (0, 11, 5)  # d5a0d8d90: the fit test moved after that clamp
 PS_CONTEXT_SINCE: Version = (0, 9, 7)  # /api/ps context_length appears
 PS_ACTUAL_CONTEXT_SINCE: Version = (0, 15, 5)  # d11fbd2c6: ps shows the runner's (clamped) context
 PS_SLOT_CONTEXT_SINCE: Version = (0, 11, 5)  # before, the scheduler multiplied num_ctx by the slots
@@ -35,6 +37,7 @@ class ContextChoice:
 
     context_length: int  # per slot, after every clamp: what memory is sized with
     requested_context: int  # before the clamp to the trained context
+    fit_context: int  # what the scheduler's fit test used (unclamped before v0.11.5)
     ps_context_length: int | None  # what /api/ps context_length will show (None: not shown)
     reason: str
     num_parallel: int
@@ -101,7 +104,11 @@ def resolve_context(
     requested = ctx
     trained = info.context_length
     if trained and 0 < trained < ctx:
-        ctx, reason = trained, f"{reason}, clamped to the trained {trained}"
+        if v >= CLAMP_SINCE:
+            ctx, reason = trained, f"{reason}, clamped to the trained {trained}"
+        else:
+            notes.append(f"{format_version(v)} does not clamp to the trained context of {trained}")
+    fit_ctx = ctx if v >= FIT_AFTER_CLAMP_SINCE else requested
 
     parallel, parallel_reason, candidates = _parallel(info, v, env)
     ps_ctx: int | None
@@ -113,7 +120,9 @@ def resolve_context(
         ps_ctx = requested
     else:
         ps_ctx = requested * parallel
-    return ContextChoice(ctx, requested, ps_ctx, reason, parallel, parallel_reason, candidates, tuple(notes))
+    return ContextChoice(
+        ctx, requested, fit_ctx, ps_ctx, reason, parallel, parallel_reason, candidates, tuple(notes)
+    )
 
 
 def _parallel(info: ModelInfo, v: Version, env: OllamaEnv) -> tuple[int, str, tuple[int, ...]]:

@@ -220,12 +220,21 @@ def _classic(
     info: ModelInfo, shape: Shape, f: VersionFacts, node: NodeProfile, choice: ContextChoice
 ) -> _Parts:
     inputs, flash, kv_type, kv_note = _classic_parts(info, shape, f, node, choice)
+    ps_size = classic.full_offload_size(inputs)
+    notes = [kv_note] if kv_note else []
+    if choice.fit_context != choice.context_length:
+        # before v0.11.5 the scheduler judged the fit before the runner clamped the context
+        fit_choice = replace(choice, context_length=choice.fit_context)
+        inputs = _classic_parts(info, shape, f, node, fit_choice)[0]
+        notes.append(
+            f"{format_version(f.version)} judges the fit at the unclamped {choice.fit_context}"
+            f" but runs (and reports) {choice.context_length}"
+        )
     weights = sum(shape.block_bytes) + shape.output_layer_bytes
     buffer = shape.block_bytes[0] + inputs.kv[0]
     reserve = inputs.minimum_bytes + inputs.overhead_bytes
     graph = max(inputs.graph_partial, inputs.graph_full)
     projector = inputs.gpu_zero_bytes + inputs.last_layer_extra_bytes
-    notes = [kv_note] if kv_note else []
     if shape.mm_bytes:
         notes.append("mm.* projector tensors are not counted by the classic estimate (llm/memory.go)")
     span2 = classic.full_offload_need(inputs, 2)
@@ -240,7 +249,7 @@ def _classic(
         projector=projector,
         reserve=reserve,
         buffer=buffer,
-        ps_size=classic.full_offload_size(inputs),
+        ps_size=ps_size,
         preload=None,
         kv_type=kv_type,
         flash=flash,
@@ -382,31 +391,18 @@ def _ollama_engine(
     )
 
 
-def _generation_batch(
-    ctx_total: int, predicted: int, available: int, flash_off: bool, node: NodeProfile
-) -> int:
-    """``server/sched.go@v0.30.0`` automaticGenerationBatch, with the node's largest GPU as room."""
-    if flash_off and node.library.lower() == "cuda":
-        small = bool(node.gpu_total_bytes) and max(node.gpu_total_bytes) <= 8 * GIB
-        return 256 if ctx_total > 4096 and small else 512
-    batch = 2048 if ctx_total > 32768 else 1024 if ctx_total > 4096 else 512
-    while batch > 512 and not _batch_fits(batch, predicted, available):
-        batch = 1024 if batch > 1024 else 512
-    return batch
+def generation_batch(ctx_total: int, flash_disabled: bool, library: str) -> int:
+    """The batch llama-server gets for a completion model (``server/sched.go@v0.30.0``).
 
-
-def _batch_fits(batch: int, predicted: int, available: int) -> bool:
-    """``generationBatchFits``: 80% threshold, headroom per batch size, and the surcharge."""
-    if predicted == 0 or available == 0:
-        return True
-    threshold = available * 80 // 100
-    if predicted > threshold:
-        return False
-    if batch >= 2048 and predicted > available * 60 // 100:
-        return False
-    if 1024 <= batch < 2048 and predicted > available * 75 // 100:
-        return False
-    return batch_surcharge(batch) <= threshold - predicted
+    ``automaticGenerationBatch``: 2048 above 32768 tokens of context, 1024 above 4096, else 512;
+    with flash attention turned off on CUDA, 512. Ollama lowers the larger batches (and uses 256
+    on CUDA GPUs of 8 GiB or less) when the free memory at load time is short; the free memory
+    of that moment is unknown here, so the need is sized with the larger batch, which keeps it
+    from shrinking as the context grows.
+    """
+    if flash_disabled and library.lower() == "cuda":
+        return 512
+    return 2048 if ctx_total > 32768 else 1024 if ctx_total > 4096 else 512
 
 
 def batch_surcharge(batch: int) -> int:
@@ -449,9 +445,8 @@ def _llama_server(
         )
         kv_type = "f16"
     predicted = predict_server_vram(shape, ctx_total)
-    available = max(node.gpu_total_bytes) if node.gpu_total_bytes else 0
     if completion:
-        ubatch = _generation_batch(ctx_total, predicted, available, env.flash_attention is False, node)
+        ubatch = generation_batch(ctx_total, env.flash_attention is False, node.library)
     else:
         ubatch = min(2048, ctx)  # DefaultEmbeddingNumBatch, capped to the context
     layers_kv, cells = cache.llama_cpp_cache(shape, info, ctx, parallel, ubatch, KV_TYPE_BYTES[kv_type])

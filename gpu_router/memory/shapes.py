@@ -116,21 +116,25 @@ def model_shape(info: ModelInfo, file_bytes: int) -> Shape | None:
     head_scalar = _positive(info.head_count, MAX_HEADS)
     given_key = _positive(info.key_length, MAX_EMBEDDING)
     width_per_head = given_key or (embedding // head_scalar if head_scalar else 0)
-    heads = _per_layer(
-        layers, info.head_count_layers, head_scalar, t.attn_q_widths if t else (), width_per_head
-    ) or (1,) * layers
+    heads = (
+        _per_layer(layers, info.head_count_layers, head_scalar, t.attn_q_widths if t else (), width_per_head)
+        or (1,) * layers
+    )
     heads_min = min(heads)
     heads_max = max(max(heads), 1)
     embedding_heads = embedding // heads_min if heads_min > 0 else 0
     key_length = given_key or embedding_heads
     value_length = _positive(info.value_length, MAX_EMBEDDING) or embedding_heads
-    heads_kv = _per_layer(
-        layers,
-        info.head_count_kv_layers,
-        _positive(info.head_count_kv, MAX_HEADS),
-        t.attn_k_widths if t else (),
-        key_length,
-    ) or (1,) * layers
+    heads_kv = (
+        _per_layer(
+            layers,
+            info.head_count_kv_layers,
+            _positive(info.head_count_kv, MAX_HEADS),
+            t.attn_k_widths if t else (),
+            key_length,
+        )
+        or (1,) * layers
+    )
     heads_kv_max = max(heads_kv)
     heads_kv_min = min(heads_kv)
 

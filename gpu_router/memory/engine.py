@@ -405,6 +405,30 @@ def generation_batch(ctx_total: int, flash_disabled: bool, library: str) -> int:
     return 2048 if ctx_total > 32768 else 1024 if ctx_total > 4096 else 512
 
 
+def lowered_batch(batch: int, predicted: int, available: int) -> int:
+    """The batch ``automaticGenerationBatch`` settles on with ``available`` bytes free.
+
+    ``generationBatchFits``: the prediction must stay under 80% of the free memory, under 60%
+    (2048) or 75% (1024) for the larger batches, and leave room for the batch's surcharge.
+    """
+
+    def fits(b: int) -> bool:
+        if predicted == 0 or available == 0:
+            return True
+        threshold = available * 80 // 100
+        if predicted > threshold:
+            return False
+        if b >= 2048 and predicted > available * 60 // 100:
+            return False
+        if 1024 <= b < 2048 and predicted > available * 75 // 100:
+            return False
+        return batch_surcharge(b) <= threshold - predicted
+
+    while batch > 512 and not fits(batch):
+        batch = 1024 if batch > 1024 else 512
+    return batch
+
+
 def batch_surcharge(batch: int) -> int:
     """``generationBatchSurcharge``: memory Ollama adds to its prediction for a larger batch."""
     if batch >= 2048:
@@ -447,6 +471,13 @@ def _llama_server(
     predicted = predict_server_vram(shape, ctx_total)
     if completion:
         ubatch = generation_batch(ctx_total, env.flash_attention is False, node.library)
+        largest = max(node.gpu_total_bytes) if node.gpu_total_bytes else 0
+        empty_node = lowered_batch(ubatch, predicted, largest)
+        if empty_node < ubatch:
+            notes.append(
+                f"Ollama lowers the batch from {ubatch} to {empty_node} (or less) when free memory is"
+                f" short, as it would be even on an empty GPU of this size; sized with {ubatch}"
+            )
     else:
         ubatch = min(2048, ctx)  # DefaultEmbeddingNumBatch, capped to the context
     layers_kv, cells = cache.llama_cpp_cache(shape, info, ctx, parallel, ubatch, KV_TYPE_BYTES[kv_type])

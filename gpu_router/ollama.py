@@ -181,6 +181,7 @@ _MAX_TENSORS = 100_000
 _MAX_BLOCKS = 4096
 _MAX_DIMS = 8
 _MAX_NAME = 512
+_MAX_ELEMENTS = 1 << 48  # far beyond any tensor; keeps every size well inside a float
 
 
 def _ints(value: object) -> tuple[int, ...] | None:
@@ -218,9 +219,12 @@ def _tensor_list(raw: object) -> list[Tensor] | None:
         if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
             return None
         dims = [_int(d) for d in shape]
-        if any(d is None or d < 0 for d in dims):
+        if any(d is None or d < 0 or d > _MAX_ELEMENTS for d in dims):
             return None
-        out.append(Tensor(name, str(kind), tuple(d for d in dims if d is not None)))
+        t = Tensor(name, str(kind), tuple(d for d in dims if d is not None))
+        if t.elements > _MAX_ELEMENTS:
+            return None
+        out.append(t)
     return out
 
 

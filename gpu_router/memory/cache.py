@@ -127,13 +127,14 @@ def ollama_engine_cache(
 def llama_cpp_cache(
     shape: Shape, info: ModelInfo, context: int, parallel: int, ubatch: int, kv_bytes: float
 ) -> tuple[tuple[int, ...], int]:
-    """llama.cpp's KV (and recurrent-state) bytes per layer, and the largest cells per stream."""
+    """llama.cpp's KV (and recurrent-state) bytes per layer, and the cells one stream spans."""
     if shape.arch in NON_CAUSAL_ARCHS or info.causal is False:
         return (0,) * shape.layers, 0
     swa = sliding_layers(shape, info)
     window = info.sliding_window or 0
-    stream = round_up(context * parallel, CACHE_PADDING) // max(parallel, 1)
-    swa_cells = min(stream, round_up(window + ubatch, CACHE_PADDING)) if window else stream
+    # -c is num_ctx x slots, padded to 256 and split into one stream per slot
+    total = round_up(context * parallel, CACHE_PADDING)
+    swa_total = min(total, parallel * round_up(window + ubatch, CACHE_PADDING)) if window else total
     recurrent = recurrent_state_bytes(info) * parallel
     out = []
     largest = 0
@@ -145,8 +146,8 @@ def llama_cpp_cache(
         if not _owns_cache(shape, info, i):
             out.append(0)
             continue
-        cells = swa_cells if swa[i] else stream
-        largest = max(largest, cells)
+        cells = swa_total if swa[i] else total
+        largest = round_up(context, CACHE_PADDING)  # one stream's cells: what attention spans
         dk, dv = _head_dims(shape, info, swa[i])
-        out.append(int(parallel * cells * hkv * (dk + dv) * kv_bytes))
+        out.append(int(cells * hkv * (dk + dv) * kv_bytes))
     return tuple(out), largest

@@ -198,9 +198,12 @@ def _classic_parts(
         graph_size(shape, info, v, ctx, batch, choice.num_parallel, classic_kv_bytes(kv_type), flash), shape
     )
     # a separate projector file goes to the first GPU; without one, VisionGraphSize's weights and
-    # graph go with the output layer (llm/memory.go@v0.12.10)
+    # graph go with the output layer (llm/memory.go@v0.12.10), or to the first GPU too before
+    # v0.7.1 (d75557747 "Estimate projector memory correctly for Ollama engine")
     gzo = shape.projector_file_bytes
-    vision_w, vision_g = (0, 0) if gzo else vision_graph_size(shape, info)
+    vision_w, vision_g = (0, 0) if gzo else vision_graph_size(shape, info, v)
+    if v < (0, 7, 1):
+        gzo, vision_w, vision_g = gzo + vision_w + vision_g, 0, 0
     inputs = classic.ClassicInputs(
         block_bytes=shape.block_bytes,
         kv=g.kv,

@@ -239,7 +239,12 @@ def with_fallback(graph: Graph, shape: Shape) -> Graph:
     return Graph(graph.kv, partial, full)
 
 
-def vision_graph_size(shape: Shape, info: ModelInfo) -> tuple[int, int]:
+# The release that gave each architecture its VisionGraphSize case (gemma3 033cec232, mistral3
+# 6bd0a983c, qwen25vl with its own model in v0.7.0); mllama had one from the start.
+_VISION_GRAPH_SINCE: dict[str, Version] = {"gemma3": (0, 6, 1), "mistral3": (0, 6, 5), "qwen25vl": (0, 7, 0)}
+
+
+def vision_graph_size(shape: Shape, info: ModelInfo, v: Version = (0, 12, 10)) -> tuple[int, int]:
     """``VisionGraphSize`` (fs/ggml/ggml.go@v0.12.10): vision weights and the encoder's graph."""
     vis = info.vision
     if vis is None or vis.block_count == 0:
@@ -253,6 +258,8 @@ def vision_graph_size(shape: Shape, info: ModelInfo) -> tuple[int, int]:
         patches += 1
     heads, width = vis.head_count, vis.embedding_length
     graph = 0
+    if v < _VISION_GRAPH_SINCE.get(shape.arch, (0, 0, 0)):
+        return weights, 0
     if shape.arch == "mllama":
         padded = patches + 8 - (patches % 8) % 8
         tiles = vis.max_num_tiles

@@ -289,13 +289,20 @@ def parse_show(body: Any, model: str, node: str = "node") -> ModelInfo:
     if vocab is None and tensors is not None:
         vocab = tensors.vocab
 
-    head_layers = _ints(key("attention.head_count"))
-    kv_layers = _ints(key("attention.head_count_kv"))
+    embedding = count("embedding_length")
+    key_length = count("attention.key_length")
     head_count = count("attention.head_count")
+    head_layers = _heads_per_layer(info, arch, "attention.head_count", tensors, key_length or 0)
+    if head_count is None and head_layers:
+        head_count = max(head_layers)
+    head_min = min(head_layers) if head_layers else count("attention.head_count", min)
+    per_head = key_length or (embedding // head_min if embedding and head_min else 0)
+    kv_layers = _heads_per_layer(info, arch, "attention.head_count_kv", tensors, per_head)
     head_count_kv = count("attention.head_count_kv")
-    kv_key_present = arch != "" and f"{arch}.attention.head_count_kv" in info
-    if kv_key_present and head_count_kv is None and kv_layers is None and tensors is None:
-        # a blanked per-layer array and no tensors to rebuild it from: assume no grouping (the
+    if head_count_kv is None and kv_layers:
+        head_count_kv = max(kv_layers)
+    if head_count_kv is None and _blanked(info, arch, "attention.head_count_kv"):
+        # a nulled per-layer array and no tensors to rebuild it from: assume no grouping (the
         # largest cache the model could have) rather than Ollama's default of one KV head
         head_count_kv = head_count
     return ModelInfo(
@@ -303,18 +310,18 @@ def parse_show(body: Any, model: str, node: str = "node") -> ModelInfo:
         architecture=arch,
         capabilities=capabilities,
         block_count=block_count,
-        embedding_length=count("embedding_length"),
+        embedding_length=embedding,
         head_count=head_count,
         head_count_kv=head_count_kv,
-        key_length=count("attention.key_length"),
+        key_length=key_length,
         value_length=count("attention.value_length"),
         context_length=count("context_length"),
         vocab_size=vocab if vocab is not None and vocab > 0 else None,
         num_ctx=int(m.group(1)) if m else None,
-        head_count_min=count("attention.head_count", min),
-        head_count_kv_min=count("attention.head_count_kv", min),
-        head_count_layers=head_layers if head_layers and len(set(head_layers)) > 1 else (),
-        head_count_kv_layers=kv_layers if kv_layers and len(set(kv_layers)) > 1 else (),
+        head_count_min=head_min,
+        head_count_kv_min=min(kv_layers) if kv_layers else count("attention.head_count_kv", min),
+        head_count_layers=head_layers if len(set(head_layers)) > 1 else (),
+        head_count_kv_layers=kv_layers if len(set(kv_layers)) > 1 else (),
         key_length_swa=count("attention.key_length_swa"),
         value_length_swa=count("attention.value_length_swa"),
         feed_forward_length=count("feed_forward_length"),
@@ -334,6 +341,26 @@ def parse_show(body: Any, model: str, node: str = "node") -> ModelInfo:
         tensors=tensors,
         remote=_is_remote(body),
     )
+
+
+def _blanked(info: Mapping[str, Any], arch: str, suffix: str) -> bool:
+    """The key is there but its value is not: an array /api/show sent as null (or [])."""
+    name = f"{arch}.{suffix}"
+    return bool(arch) and name in info and (info[name] is None or info[name] == [])
+
+
+def _heads_per_layer(
+    info: Mapping[str, Any], arch: str, suffix: str, tensors: TensorSummary | None, per_head: int
+) -> tuple[int, ...]:
+    """Per-layer head counts: the GGUF array (verbose), or rebuilt from the attention tensors'
+    widths when Ollama nulled the array. A missing key stays missing: Ollama then takes 1."""
+    given = _ints(info.get(f"{arch}.{suffix}")) if arch else None
+    if given:
+        return given
+    if not _blanked(info, arch, suffix) or tensors is None or per_head <= 0:
+        return ()
+    widths = tensors.attn_q_widths if suffix == "attention.head_count" else tensors.attn_k_widths
+    return tuple(w // per_head for w in widths)
 
 
 def _bool_or_none(value: object) -> bool | None:

@@ -188,6 +188,17 @@ def build(
     return built
 
 
+# Gemma 3's SigLIP vision tower (google/gemma-3-*-it vision_config): 896 px, patch 14, 27 blocks.
+_SIGLIP = {
+    "block_count": 27,
+    "embedding_length": 1152,
+    "attention.head_count": 16,
+    "image_size": 896,
+    "patch_size": 14,
+    "num_channels": 3,
+}
+
+
 def llama31_8b() -> Built:
     """llama3.1:8b (Meta-Llama-3.1-8B-Instruct config; Ollama's default tag is Q4_K_M)."""
     return build(
@@ -229,8 +240,8 @@ def gemma3_4b() -> Built:
     )
 
 
-def gemma3_27b() -> Built:
-    """gemma3:27b (google/gemma-3-27b-it config), text tower only."""
+def gemma3_27b(vision: bool = False) -> Built:
+    """gemma3:27b (google/gemma-3-27b-it config); with ``vision``, its SigLIP tower too."""
     return build(
         "gemma3",
         layers=62,
@@ -243,6 +254,8 @@ def gemma3_27b() -> Built:
         context=131072,
         tied=True,
         extra_info={"gemma3.attention.sliding_window": 1024},
+        capabilities=("completion", "vision") if vision else ("completion",),
+        vision=_SIGLIP if vision else None,
     )
 
 
@@ -334,3 +347,94 @@ def nomic_embed_text() -> Built:
         b += _add(built, f"blk.{i}.layer_output_norm.weight", "F32", [e])
         built.blocks.append(b)
     return built
+
+
+def gpt_oss_120b() -> Built:
+    """gpt-oss:120b (openai/gpt-oss-120b config: 36 layers, 128 experts, sliding window 128)."""
+    return build(
+        "gptoss",
+        layers=36,
+        embedding=2880,
+        heads=64,
+        heads_kv=8,
+        head_dim=64,
+        ff=2880,
+        vocab=201088,
+        context=131072,
+        experts=128,
+        experts_used=4,
+        expert_ff=2880,
+        expert_type="MXFP4",
+        weight_type="Q8_0",
+        embed_type="Q8_0",
+        extra_info={"gptoss.attention.sliding_window": 128},
+    )
+
+
+def gemma3_12b() -> Built:
+    """gemma3:12b with its vision tower (google/gemma-3-12b-it config)."""
+    return build(
+        "gemma3",
+        layers=48,
+        embedding=3840,
+        heads=16,
+        heads_kv=8,
+        head_dim=256,
+        ff=15360,
+        vocab=262144,
+        context=131072,
+        tied=True,
+        extra_info={"gemma3.attention.sliding_window": 1024},
+        capabilities=("completion", "vision"),
+        vision={
+            "block_count": 27,
+            "embedding_length": 1152,
+            "attention.head_count": 16,
+            "image_size": 896,
+            "patch_size": 14,
+            "num_channels": 3,
+        },
+    )
+
+
+def bge_m3() -> Built:
+    """bge-m3 (BAAI/bge-m3, XLM-RoBERTa large: 24 layers, 1024 wide, F16), a bert GGUF."""
+    b = build(
+        "bert",
+        layers=24,
+        embedding=1024,
+        heads=16,
+        heads_kv=16,
+        ff=4096,
+        vocab=250002,
+        context=8192,
+        tied=True,
+        weight_type="F16",
+        embed_type="F16",
+        capabilities=("embedding",),
+        extra_info={"bert.pooling_type": 2, "bert.attention.causal": False},
+    )
+    del b.body["model_info"]["bert.attention.head_count_kv"]  # BERT GGUFs have no such key
+    return b
+
+
+def qwen25_32b() -> Built:
+    """A qwen2-architecture 32B (Qwen/Qwen2.5-32B config)."""
+    return build(
+        "qwen2", layers=64, embedding=5120, heads=40, heads_kv=8, ff=27648, vocab=152064, context=131072
+    )
+
+
+def qwen3_32b() -> Built:
+    """qwen3:32b (Qwen/Qwen3-32B config)."""
+    return build(
+        "qwen3",
+        layers=64,
+        embedding=5120,
+        heads=64,
+        heads_kv=8,
+        head_dim=128,
+        ff=25600,
+        vocab=151936,
+        context=40960,
+    )

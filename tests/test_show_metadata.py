@@ -261,3 +261,25 @@ def test_hostile_bodies_raise_only_bad_response_and_never_break_the_estimate(
         if est is not None:
             assert est.need_bytes >= 0
             assert est.ps_size_bytes >= 0
+
+
+def test_a_missing_kv_head_key_stays_missing_even_with_attention_tensors():
+    # BERT GGUFs have attn_k tensors but no attention.head_count_kv: Ollama's HeadCountKV() then
+    # takes its default of 1 (fs/ggml/ggml.go@v0.12.10); only a nulled array is rebuilt
+    body = {
+        "model_info": {
+            "general.architecture": "bert",
+            "bert.block_count": 2,
+            "bert.embedding_length": 1024,
+            "bert.attention.head_count": 16,
+            "bert.pooling_type": 2,
+        },
+        "tensors": [
+            {"name": f"blk.{i}.attn_k.weight", "type": "F16", "shape": [1024, 1024]} for i in range(2)
+        ],
+    }
+    info = parse_show(body, "bge-m3")
+    assert info.head_count_kv is None
+    shape = model_shape(info, 10**8)
+    assert shape is not None
+    assert shape.heads_kv == (1, 1)

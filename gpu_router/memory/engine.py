@@ -270,13 +270,10 @@ def classic_inputs(
     Meaningful where the classic estimator placed the model (before v0.11.11, and llama-engine
     models to v0.12.10); the emulator uses it to reproduce partial offloads of those versions.
     """
-    if info.remote or not isinstance(file_bytes, int) or file_bytes <= 0:
+    prepared = _prepare(info, file_bytes, node, num_ctx)
+    if prepared is None:
         return None
-    shape = model_shape(info, file_bytes)
-    if shape is None:
-        return None
-    f = facts(node.version)
-    choice = resolve_context(info, f, node.env, node.gpu_total_bytes, num_ctx)
+    shape, f, choice, _ = prepared
     return _classic_parts(info, shape, f, node, choice)[0]
 
 
@@ -573,15 +570,10 @@ def _estimate_with(
     )
 
 
-def estimate_memory(
-    info: ModelInfo, file_bytes: int, node: NodeProfile, *, num_ctx: int | None = None
-) -> MemoryEstimate | None:
-    """What ``node``'s Ollama will need to hold ``info`` (``file_bytes`` on disk) fully on one GPU.
-
-    ``num_ctx`` is the context gpu-router itself asks for (a priority model's ``num_ctx``, sent as
-    ``options.num_ctx``). None when the metadata is too thin to size the model, or for a cloud
-    model (it runs elsewhere). Never raises on odd metadata.
-    """
+def _prepare(
+    info: ModelInfo, file_bytes: int, node: NodeProfile, num_ctx: int | None
+) -> tuple[Shape, VersionFacts, ContextChoice, MemoryEstimate] | None:
+    """The model's shape, the node's version, the context and slots it gets, and the estimate."""
     if info.remote or not isinstance(file_bytes, int) or file_bytes <= 0:
         return None
     shape = model_shape(info, file_bytes)
@@ -601,4 +593,17 @@ def estimate_memory(
             parallel_reason=f"{choice.parallel_reason}: {fallback}, as more does not fit the largest GPU",
         )
         estimate = _estimate_with(info, shape, f, node, choice)
-    return estimate
+    return shape, f, choice, estimate
+
+
+def estimate_memory(
+    info: ModelInfo, file_bytes: int, node: NodeProfile, *, num_ctx: int | None = None
+) -> MemoryEstimate | None:
+    """What ``node``'s Ollama will need to hold ``info`` (``file_bytes`` on disk) fully on one GPU.
+
+    ``num_ctx`` is the context gpu-router itself asks for (a priority model's ``num_ctx``, sent as
+    ``options.num_ctx``). None when the metadata is too thin to size the model, or for a cloud
+    model (it runs elsewhere). Never raises on odd metadata.
+    """
+    prepared = _prepare(info, file_bytes, node, num_ctx)
+    return prepared[3] if prepared is not None else None

@@ -258,6 +258,8 @@ def vision_graph_size(shape: Shape, info: ModelInfo, v: Version = (0, 12, 10)) -
         patches += 1
     heads, width = vis.head_count, vis.embedding_length
     graph = 0
+    if v < (0, 6, 1) and shape.arch != "mllama":
+        return 0, 0  # VisionGraphSize@v0.6.0 knew only mllama
     if v < _VISION_GRAPH_SINCE.get(shape.arch, (0, 0, 0)):
         return weights, 0
     if shape.arch == "mllama":

@@ -82,10 +82,8 @@ def _positive(v: int | None, limit: int) -> int | None:
     return v if v is not None and 0 < v <= limit else None
 
 
-def _per_layer(
-    layers: int, given: tuple[int, ...], scalar: int | None, widths: tuple[int, ...], width_per_head: int
-) -> tuple[int, ...] | None:
-    """A per-layer head count: the GGUF array, else the scalar, else rebuilt from tensor widths."""
+def _per_layer(layers: int, given: tuple[int, ...], scalar: int | None) -> tuple[int, ...] | None:
+    """A per-layer head count: the GGUF array (parse_show rebuilds a nulled one), else the scalar."""
     if given:
         vals = [max(0, min(v, MAX_HEADS)) for v in given[:layers]]
         # fs/ggml/ggml.go@v0.12.10 HeadCount(): a one-element array fills every layer; a longer
@@ -94,10 +92,6 @@ def _per_layer(
         return tuple(vals + [fill] * (layers - len(vals)))
     if scalar is not None:
         return (scalar,) * layers
-    if widths and width_per_head > 0:
-        return tuple(min(w // width_per_head, MAX_HEADS) for w in widths[:layers]) + (0,) * max(
-            0, layers - len(widths)
-        )
     return None
 
 
@@ -115,26 +109,14 @@ def model_shape(info: ModelInfo, file_bytes: int) -> Shape | None:
     # HeadCountMin is the smallest per-layer value, zeros of recurrent layers included.
     head_scalar = _positive(info.head_count, MAX_HEADS)
     given_key = _positive(info.key_length, MAX_EMBEDDING)
-    width_per_head = given_key or (embedding // head_scalar if head_scalar else 0)
-    heads = (
-        _per_layer(layers, info.head_count_layers, head_scalar, t.attn_q_widths if t else (), width_per_head)
-        or (1,) * layers
-    )
+    heads = _per_layer(layers, info.head_count_layers, head_scalar) or (1,) * layers
     heads_min = min(heads)
     heads_max = max(max(heads), 1)
     embedding_heads = embedding // heads_min if heads_min > 0 else 0
     key_length = given_key or embedding_heads
     value_length = _positive(info.value_length, MAX_EMBEDDING) or embedding_heads
-    heads_kv = (
-        _per_layer(
-            layers,
-            info.head_count_kv_layers,
-            _positive(info.head_count_kv, MAX_HEADS),
-            t.attn_k_widths if t else (),
-            key_length,
-        )
-        or (1,) * layers
-    )
+    kv_scalar = _positive(info.head_count_kv, MAX_HEADS)
+    heads_kv = _per_layer(layers, info.head_count_kv_layers, kv_scalar) or (1,) * layers
     heads_kv_max = max(heads_kv)
     heads_kv_min = min(heads_kv)
 

@@ -177,7 +177,9 @@ def _is_remote(entry: Mapping[str, Any]) -> bool:
     return bool(_str(entry.get("remote_model")).strip() or _str(entry.get("remote_host")).strip())
 
 
-_NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d+)\s*$", re.MULTILINE)
+# [ \t] rather than \s: with MULTILINE, ^\s* backtracks over every newline run, so a parameters
+# text of 40 KB of newlines took seconds; a hostile body must not stall a poll.
+_NUM_CTX = re.compile(r"^[ \t]*num_ctx[ \t]+(\d{1,9})[ \t]*$", re.MULTILINE)
 # Bounds no real model reaches: beyond them a value is treated as missing, never allocated for.
 _MAX_TENSORS = 100_000
 _MAX_BLOCKS = 4096

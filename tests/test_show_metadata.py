@@ -283,3 +283,11 @@ def test_a_missing_kv_head_key_stays_missing_even_with_attention_tensors():
     shape = model_shape(info, 10**8)
     assert shape is not None
     assert shape.heads_kv == (1, 1)
+
+
+def test_a_parameters_text_of_newlines_is_parsed_at_once() -> None:
+    # The num_ctx pattern once backtracked quadratically over runs of newlines (3.7 s for 40 KB);
+    # at a million newlines that would run for a long time and trip the suite's per-test timeout.
+    body = {"model_info": {}, "parameters": "\n" * 1_000_000 + "num_ctx 8192\n" + " \n" * 50_000}
+    assert parse_show(body, "m:latest").num_ctx == 8192
+    assert parse_show({"parameters": "num_ctx " + "9" * 5000}, "m:latest").num_ctx is None

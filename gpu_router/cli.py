@@ -177,7 +177,7 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             (
                 f["node"],
                 "yes" if f["fits"] else "no",
-                gib(m["need_bytes"]),
+                gib(f["need_bytes"]),
                 gib(n["usable_vram_bytes"]),
                 gib(n["free_vram_bytes"]),
                 f["reason"],
@@ -195,6 +195,9 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
                 "fits": f["fits"],
                 "verdict": f["verdict"],
                 "reason": f["reason"],
+                "need_bytes": f["need_bytes"],
+                "context_length": f["context_length"],
+                "era": f["era"],
                 "usable_vram_bytes": nodes[f["node"]]["usable_vram_bytes"],
                 "free_vram_bytes": nodes[f["node"]]["free_vram_bytes"],
             }

@@ -21,7 +21,8 @@ from gpu_router.executor import ActionResult, Backoff, Executor
 from gpu_router.observe import NodeLinks, Observer
 from gpu_router.ollama import OllamaError
 from gpu_router.planner import Action, ActionKind, Plan, plan
-from gpu_router.state import ClusterState, Processor
+from gpu_router.sizing import Sizer
+from gpu_router.state import ClusterState, LoadedModel, NodeState, Processor
 from gpu_router.store import InfoCache, SizeStore, info_cache_for, store_for
 from gpu_router.systemd import Notifier, set_level
 
@@ -78,6 +79,7 @@ class Daemon:
         self.reconciles = 0
         self._expect = _Expect({}, {})
         self._status = "starting"
+        self._last: tuple[ClusterState, Sizer] | None = None  # the last observation and its sizer
         self._repins: dict[str, dict[int, int]] = {}  # model -> context clients reloaded it at -> count
         self._repin_warned: set[str] = set()
 
@@ -227,12 +229,34 @@ class Daemon:
         self.reconciles += 1
         start = self._clock()
         state = self.observer.observe(cancel=self._stop, tick=self._tick)
-        p = plan(state, self.config, learned=self.store.sizes, backoff=self.backoff.blocked())
+        sizer = Sizer(state, self.config, self.store.sizes)
+        if self._learn(state, sizer):
+            self.store.save()
+        self._last = (state, sizer)
+        p = plan(state, self.config, backoff=self.backoff.blocked(), sizer=sizer)
         self._remember(state, p)
         acted = 0 if self._stop.is_set() else self._act(p, observed_from=start)
         self._set_status(state, p, acted)
         log.debug("reconcile #%d took %.2fs", self.reconciles, self._clock() - start)
         return p
+
+    def _learn(self, state: ClusterState, sizer: Sizer) -> bool:
+        """File every size /api/ps shows that can be learned, under its full key; True if any changed."""
+        changed = False
+        for node in state.nodes:
+            if node.up:
+                for m in node.loaded:
+                    changed |= self._learn_one(node, m, sizer)
+        return changed
+
+    def _learn_one(self, node: NodeState, m: LoadedModel, sizer: Sizer) -> bool:
+        key = sizer.learnable(node, m)
+        if key is None:
+            return False
+        total = node.gpu.total_bytes if node.gpu.gpus else None
+        return self.store.learn(
+            key, m.size_bytes, model=m.name, file_bytes=sizer.file_bytes.get(m.name), total_vram_bytes=total
+        )
 
     def _act(self, p: Plan, *, observed_from: float) -> int:
         if not p.actions:
@@ -300,9 +324,16 @@ class Daemon:
             self.observer.refresh_tags({a.node})  # what is on disk may have moved too
         if a.kind is ActionKind.UNLOAD:
             return
+        if r.observed is not None and self._last is not None:
+            # What the load really took, fully on GPU or not, is the best size there is for next time.
+            state, sizer = self._last
+            node = state.node(a.node)
+            if node is not None and self._learn_one(node, r.observed, sizer):
+                self.store.save()
         if r.ok:
             self.backoff.succeeded(a.model, a.node)
-            if r.observed is not None:  # None for a cpu_fallback load: not on GPU, nothing to watch
+            if r.observed is not None and r.observed.processor is Processor.GPU:
+                # A cpu_fallback load is not on GPU: nothing to watch there.
                 self._expect.pinned.setdefault(a.node, set()).add(a.model)
             if a.kind is ActionKind.PIN:
                 self._note_repin(a.model, r.observed.context_length if r.observed else None, a.node)

@@ -25,14 +25,15 @@ from __future__ import annotations
 import enum
 import gc
 from bisect import bisect_left
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NamedTuple
 
 from gpu_router.config import Config, PriorityModel
-from gpu_router.sizing import SizeEstimate, SizeIndex, span_need
+from gpu_router.memory import max_loaded_models, preload_check_passes
+from gpu_router.sizing import SizeEstimate, Sizer, SizeSource
 from gpu_router.state import MIB, ClusterState, LoadedModel, NodeState, Processor, VramSource
 from gpu_router.store import SizeKey
 
@@ -62,6 +63,7 @@ class Verdict(str, enum.Enum):
     NOT_INSTALLED = "not_installed"
     NOT_ALLOWED = "not_allowed"  # excluded by the priority model's nodes list
     NODE_DOWN = "node_down"
+    CLOUD = "cloud"  # a cloud model: it runs on Ollama's servers, never on a node's GPU
     BACKOFF = "backoff"  # a recent load here failed; the daemon waits before trying again
     UNCLEAR = "unclear"  # its /api/ps entry there could not be believed: no action on it
     GPU_UNHEALTHY = "gpu_unhealthy"  # every GPU of the node is unhealthy: nothing counts or goes there
@@ -147,6 +149,7 @@ _FIXED_REASONS = {
     Verdict.NO_GPU: "CPU-only node",
     Verdict.SIZE_UNKNOWN: "size unknown",
     Verdict.BACKOFF: "a recent load here failed; backing off",
+    Verdict.CLOUD: "a cloud model: it runs on Ollama's servers",
     Verdict.UNCLEAR: "its /api/ps entry there could not be believed; leaving it alone",
 }
 
@@ -191,11 +194,19 @@ class ModelPlan:
 
     model: str
     priority: bool
-    need: SizeEstimate
+    need: SizeEstimate  # on the decided node, else the smallest need of any node
     fits: tuple[Fit, ...]
     decision: Decision
     replicas_wanted: int = 0  # priority models only
     replicas_on_gpu: int = 0
+    # The need on each node: one estimate per sizing profile, and each node's profile index.
+    profile_needs: tuple[SizeEstimate, ...] = ()
+    node_profiles: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def need_on(self, node: str) -> SizeEstimate:
+        """What the model needs on ``node`` (the summary need for a node the pass did not size)."""
+        pid = self.node_profiles.get(node)
+        return self.profile_needs[pid] if pid is not None and pid < len(self.profile_needs) else self.need
 
 
 @dataclass(frozen=True)
@@ -264,11 +275,15 @@ class _Room:
             frozen[node] = ([free[i] for i in order], [(i,) for i in order], sum(free))
         self.frozen = frozen
 
-    def place(self, node: str, need: int, extra_free: int = 0) -> tuple[tuple[int, ...], int] | None:
+    def place(
+        self, node: str, need: int, span_need: int, extra_free: int = 0
+    ) -> tuple[tuple[int, ...], int] | None:
         """GPUs that can take ``need`` (best fit) and the bytes left after it, or None.
 
-        ``extra_free`` is room that planned unloads would give back; /api/ps does not say on
-        which GPU, so it is only counted when the node has one GPU or the model spans all of them.
+        ``span_need`` is what the model needs split over all the node's GPUs, used only when no
+        single GPU holds it. ``extra_free`` is room that planned unloads would give back; /api/ps
+        does not say on which GPU, so it is only counted when the node has one GPU or the model
+        spans all of them.
         """
         free = self.free.get(node)
         if not free:
@@ -284,12 +299,11 @@ class _Room:
         if best_i >= 0:
             return (best_i,), best_left
         total = sum(free) + extra_free
-        need_all = span_need(need, len(free))
-        if total >= need_all:
-            return tuple(range(len(free))), total - need_all
+        if total >= span_need:
+            return tuple(range(len(free))), total - span_need
         return None
 
-    def take(self, node: str, gpus: tuple[int, ...], need: int, returned: int = 0) -> None:
+    def take(self, node: str, gpus: tuple[int, ...], need: int, span_need: int, returned: int = 0) -> None:
         """Use up room for a placement, after the ``returned`` bytes of planned unloads.
 
         Returned bytes are credited exactly where ``place`` counted them: on a one-GPU node, or
@@ -302,7 +316,7 @@ class _Room:
                 free[0] += returned
             free[gpus[0]] = max(0, free[gpus[0]] - need)
             return
-        remaining = span_need(need, len(gpus)) - returned
+        remaining = span_need - returned
         for i in gpus:
             used = min(free[i], max(0, remaining))
             free[i] -= used
@@ -356,112 +370,278 @@ def plan(
     learned: Mapping[SizeKey, int] | None = None,
     backoff: Collection[tuple[str, str]] = (),
     needs: Mapping[str, int] | None = None,
+    full: bool = True,
+    sizer: Sizer | None = None,
 ) -> Plan:
     """Decide where every known model should run, and what to do for the priority ones.
 
     ``learned`` holds sizes observed earlier; ``backoff`` holds (model, node) pairs whose last load
     failed recently and are not to be chosen now; ``needs`` fixes models' needs by name (tests,
-    benchmarks and what-if questions), over every other source.
+    benchmarks and what-if questions), over every other source. ``full=False`` (the daemon's
+    path) judges only the priority models, which are all it acts on; the report wants every model.
+    ``sizer`` is one already built on this state (the daemon's, which also learns sizes from it).
     """
     with _gc_paused():
-        return _plan(state, config, learned, backoff, needs)
+        return _plan(state, config, sizer or Sizer(state, config, learned, needs), backoff, full)
 
 
 def _plan(
     state: ClusterState,
     config: Config,
-    learned: Mapping[SizeKey, int] | None,
+    sizer: Sizer,
     backoff: Collection[tuple[str, str]],
-    needs: Mapping[str, int] | None,
+    full: bool,
 ) -> Plan:
     caps = tuple(capacity(n, config) for n in state.nodes)
     cap_by_node = {c.node: c for c in caps}
     room = _Room(caps)
-    views = [_view(n, cap_by_node[n.name]) for n in state.nodes]
-    sizes = SizeIndex(state, needs)
+    # Nodes that share a sizing profile (version, GPUs, settings) share every model's need.
+    pids: dict[object, int] = {}
+    node_pid: dict[str, int] = {}
+    rep: list[str] = []  # a node of each profile
+    n_all: list[int] = []  # its GPU count, for the need split over all of them
+    for n in state.nodes:
+        profile = sizer.profiles[n.name]
+        pid = pids.get(profile)
+        if pid is None:
+            pid = pids[profile] = len(rep)
+            rep.append(n.name)
+            n_all.append(max(1, len(cap_by_node[n.name].gpus)))
+        node_pid[n.name] = pid
+    views = [_view(n, cap_by_node[n.name], node_pid[n.name]) for n in state.nodes]
     priority = {p.name: p for p in config.priority_models}
     models = list(priority)
-    known: set[str] = set()
-    for n in state.nodes:
-        if n.up:
-            known.update(n.model_digests())
-    others = sorted(known - set(priority))
+    others: list[str] = []
+    if full:
+        known: set[str] = set()
+        for n in state.nodes:
+            if n.up:
+                known.update(n.model_digests())
+        others = sorted(known - set(priority))
     gpu_nodes = [n for n in state.nodes if n.up and cap_by_node[n.name].known and cap_by_node[n.name].gpus]
+    ctx = _Pass(state, config, sizer, cap_by_node, node_pid, room, priority)
     actions: list[Action] = []
     plans: list[ModelPlan] = []
-    evicted: dict[str, set[str]] = {}  # node -> models planned for unload in this pass
 
     for i, name in enumerate([*models, *others]):
         if i == len(models):
             room.freeze()  # non-priority models are judged, never placed: the room stops changing
         pm = priority.get(name)
-        need = sizes.need(name, _context(config, pm))
-        judged = _judge(views, name, need.need_bytes, pm, room, backoff, evicted)
+        num_ctx = pm.num_ctx if pm is not None else None
+        ests = tuple(sizer.need(name, rep[p], num_ctx) for p in range(len(rep)))
+        per_pid = [(e.need_bytes, e.span_need(n_all[p])) for p, e in enumerate(ests)]
+        if sizer.is_cloud(name):
+            fits = [Fit(v.name, Verdict.CLOUD) for v in views]
+            decision = Decision(
+                Placement.NONE, None, "a cloud model: it runs on Ollama's servers, not on a node"
+            )
+            plans.append(
+                ModelPlan(
+                    name,
+                    pm is not None,
+                    ests[0] if ests else _NO_SIZE,
+                    tuple(fits),
+                    decision,
+                    profile_needs=ests,
+                    node_profiles=node_pid,
+                )
+            )
+            continue
+        judged = _judge(views, name, per_pid, pm, room, backoff, ctx.evicted)
         fits = judged.fits
         if pm is None:
             decision = _decide_other(state, name, judged)
-            plans.append(ModelPlan(name, False, need, tuple(fits), decision))
+            summary = _summary_need(ests, node_pid, decision.node)
+            plans.append(
+                ModelPlan(
+                    name, False, summary, tuple(fits), decision, profile_needs=ests, node_profiles=node_pid
+                )
+            )
             continue
         wanted = _replicas(pm, len(gpu_nodes))
         resident = judged.resident
         chosen = list(resident)
+        refused: list[str] = []  # nodes where Ollama itself would unload what policy forbids
         reasons = [f"already on GPU on {n}" for n in resident]
         info = state.model_info(name)
         embedding = info.embedding_only if info else False
         actions.extend(_repins(state, name, resident, embedding, pm))
-        if need.need_bytes is not None:
+        while len(chosen) < wanted:
             # New copies: fit now first, best fit; then room made by policy.
-            while len(chosen) < wanted:
-                pick = _best_fit(state, name, fits, chosen)
-                if pick is None:
-                    pick = _make_room(
-                        state, name, need.need_bytes, fits, chosen, room, priority, config, evicted
-                    )
-                if pick is None:
-                    break
-                node_name, gpus, victims, returned = pick
-                room.take(node_name, gpus, need.need_bytes, returned)
-                for v in victims:
-                    evicted.setdefault(node_name, set()).add(v)
-                    actions.append(
-                        Action(
-                            ActionKind.UNLOAD,
-                            node_name,
-                            v,
-                            f"make room for priority model {name}",
-                            for_model=name,
-                        )
-                    )
-                load_reason = _load_reason(state, node_name, name)
+            pick = _best_fit(state, name, fits, chosen + refused)
+            if pick is None:
+                pick = _make_room(ctx, name, per_pid, fits, chosen + refused)
+            if pick is None:
+                break
+            node_name, gpus, victims, returned = pick
+            need_bytes, span = per_pid[node_pid[node_name]]
+            assert need_bytes is not None
+            assert span is not None
+            more = ctx.ollama_unloads(name, ests[node_pid[node_name]], node_name, gpus, victims, returned)
+            if isinstance(more, str):
+                refused.append(node_name)
+                fits = [
+                    f._replace(verdict=Verdict.NO_ROOM, note=more) if f.node == node_name else f for f in fits
+                ]
+                continue
+            node = state.node(node_name)
+            assert node is not None
+            for v in more:
+                loaded = node.loaded_model(v)
+                returned += loaded.vram_bytes if loaded is not None else 0
+            victims = [*victims, *more]
+            room.take(node_name, gpus, need_bytes, span, returned)
+            for v in victims:
+                ctx.evicted.setdefault(node_name, set()).add(v)
                 actions.append(
                     Action(
-                        ActionKind.LOAD,
+                        ActionKind.UNLOAD,
                         node_name,
-                        name,
-                        load_reason,
-                        embedding=embedding,
-                        gpus=gpus,
-                        need_bytes=need.need_bytes,
-                        num_ctx=pm.num_ctx,
+                        v,
+                        f"make room for priority model {name}",
+                        for_model=name,
                     )
                 )
-                chosen.append(node_name)
-                reasons.append(
-                    f"load on {node_name}" + (f" after unloading {', '.join(victims)}" if victims else "")
+            ctx.loads[node_name] = ctx.loads.get(node_name, 0) + 1
+            actions.append(
+                Action(
+                    ActionKind.LOAD,
+                    node_name,
+                    name,
+                    _load_reason(state, node_name, name),
+                    embedding=embedding,
+                    gpus=gpus,
+                    need_bytes=need_bytes,
+                    num_ctx=pm.num_ctx,
                 )
-                fits = [
-                    f._replace(verdict=Verdict.FITS_AFTER_EVICTION, evict=tuple(victims), note=reasons[-1])
-                    if f.node == node_name and victims
-                    else f
-                    for f in fits
-                ]
+            )
+            chosen.append(node_name)
+            reasons.append(
+                f"load on {node_name}" + (f" after unloading {', '.join(victims)}" if victims else "")
+            )
+            fits = [
+                f._replace(verdict=Verdict.FITS_AFTER_EVICTION, evict=tuple(victims), note=reasons[-1])
+                if f.node == node_name and victims
+                else f
+                for f in fits
+            ]
         if chosen:
             note = "" if len(chosen) >= wanted else f"; only {len(chosen)} of {wanted} replicas fit on GPU"
             decision = Decision(Placement.GPU, chosen[0], "; ".join(reasons) + note, tuple(chosen))
         else:
             decision = _cpu_decision(state, name, fits, config, embedding, backoff, actions)
-        plans.append(ModelPlan(name, True, need, tuple(fits), decision, wanted, len(resident)))
+        summary = _summary_need(ests, node_pid, decision.node)
+        plans.append(
+            ModelPlan(
+                name,
+                True,
+                summary,
+                tuple(fits),
+                decision,
+                wanted,
+                len(resident),
+                profile_needs=ests,
+                node_profiles=node_pid,
+            )
+        )
     return Plan(caps, tuple(plans), tuple(_order(actions)))
+
+
+_NO_SIZE = SizeEstimate(None, SizeSource.UNKNOWN, "no node to size it on")
+
+
+def _summary_need(
+    ests: Sequence[SizeEstimate], node_pid: Mapping[str, int], node: str | None
+) -> SizeEstimate:
+    """The need on the decided node, else the smallest known need of any node."""
+    if node is not None and node in node_pid:
+        return ests[node_pid[node]]
+    known = [e for e in ests if e.need_bytes is not None]
+    if known:
+        return min(known, key=lambda e: e.need_bytes or 0)
+    return ests[0] if ests else _NO_SIZE
+
+
+class _Pass:
+    """What one planning pass knows and has decided so far, for the room-making steps."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        config: Config,
+        sizer: Sizer,
+        caps: Mapping[str, NodeCapacity],
+        node_pid: Mapping[str, int],
+        room: _Room,
+        priority: Mapping[str, PriorityModel],
+    ) -> None:
+        self.state = state
+        self.config = config
+        self.sizer = sizer
+        self.caps = caps
+        self.node_pid = node_pid
+        self.room = room
+        self.priority = priority
+        self.evicted: dict[str, set[str]] = {}  # node -> models planned for unload in this pass
+        self.loads: dict[str, int] = {}  # node -> loads planned in this pass
+
+    def allowed_victims(self, node: NodeState, model: str, taken: Collection[str]) -> list[LoadedModel]:
+        """What policy lets this pass unload on ``node`` for ``model``, first to go first."""
+        protected = set(self.priority) | {model} | set(taken) | self.evicted.get(node.name, set())
+        return _victims(node, protected, self.config.evict, self.state.observed_at)
+
+    def ollama_unloads(
+        self,
+        model: str,
+        est: SizeEstimate,
+        node_name: str,
+        gpus: tuple[int, ...],
+        victims: Sequence[str],
+        returned: int,
+    ) -> list[str] | str:
+        """What else must be unloaded first so that the node's Ollama does not unload on its own.
+
+        Ollama keeps at most OLLAMA_MAX_LOADED_MODELS models (3 per GPU by default), and from
+        v0.30 refuses a load whose predicted size is over 80% of the free VRAM while other models
+        are loaded: in both cases it evicts models of its own choosing, pinned ones included. So
+        the pass unloads what policy allows itself, or, when that is not enough, gives up on the
+        node (returns why).
+        """
+        node = self.state.node(node_name)
+        assert node is not None
+        profile = self.sizer.profiles[node_name]
+        gone = set(victims) | self.evicted.get(node_name, set())
+        staying = [m for m in node.loaded if m.name not in gone and m.name != model]
+        candidates = self.allowed_victims(node, model, victims)
+        extra: list[str] = []
+        limit = max_loaded_models(profile.env, len(profile.gpu_total_bytes))
+        while len(staying) + self.loads.get(node_name, 0) + 1 > limit:
+            if not candidates:
+                return (
+                    f"Ollama keeps at most {limit} models here (OLLAMA_MAX_LOADED_MODELS)"
+                    " and would unload one that policy protects"
+                )
+            v = candidates.pop(0)
+            extra.append(v.name)
+            staying = [m for m in staying if m.name != v.name]
+        if est.memory is None or est.memory.preload_bytes is None or not staying:
+            return extra
+        cap = self.caps[node_name]
+        free = sum(cap.gpus[i].total_bytes - cap.gpus[i].used_bytes for i in gpus if i < len(cap.gpus))
+        free += returned + sum(m.vram_bytes for m in node.loaded if m.name in extra)
+        while not preload_check_passes(est.memory, free):
+            left = [m for m in candidates if m.name not in extra]
+            if not left:
+                names = ", ".join(m.name for m in staying if m.name not in extra)
+                return (
+                    f"Ollama's pre-load check ({_gib(est.memory.preload_bytes)} against 80% of free VRAM)"
+                    f" would unload {names} first, which policy protects"
+                )
+            extra.append(left[0].name)
+            free += left[0].vram_bytes
+            if not [m for m in staying if m.name not in extra]:
+                break  # nothing else loaded: Ollama loads without the check
+        return extra
 
 
 class _View(NamedTuple):
@@ -472,6 +652,7 @@ class _View(NamedTuple):
 
     name: str
     up: bool
+    pid: int  # index of the node's sizing profile: nodes that share one share every model's need
     max_usable: int
     sum_usable: int
     n_gpus: int
@@ -487,7 +668,7 @@ class _View(NamedTuple):
     no_gpu: Fit | None  # set when the node cannot take any model on GPU (CPU-only, no GPU, unknown)
 
 
-def _view(node: NodeState, cap: NodeCapacity) -> _View:
+def _view(node: NodeState, cap: NodeCapacity, pid: int) -> _View:
     usable = [g.usable_bytes for g in cap.gpus if g.healthy]
     n = node.name
     no_gpu: Fit | None = None
@@ -506,6 +687,7 @@ def _view(node: NodeState, cap: NodeCapacity) -> _View:
     return _View(
         name=n,
         up=node.up,
+        pid=pid,
         max_usable=max(usable, default=0),
         sum_usable=sum(usable),
         n_gpus=len(usable),
@@ -530,7 +712,7 @@ class _Judged(NamedTuple):
 def _judge(
     views: Iterable[_View],
     model: str,
-    need: int | None,
+    needs: Sequence[tuple[int | None, int | None]],
     pm: PriorityModel | None,
     room: _Room,
     backoff: Collection[tuple[str, str]],
@@ -552,6 +734,7 @@ def _judge(
     for (
         name,
         up,
+        pid,
         max_usable,
         sum_usable,
         n_gpus,
@@ -607,13 +790,14 @@ def _judge(
         if no_gpu is not None:
             add(no_gpu)
             continue
-        if need is None:
+        need, span_all = needs[pid]
+        if need is None or span_all is None:
             add(Fit(name, Verdict.SIZE_UNKNOWN))
             continue
         if backoff and (model, name) in backoff:
             add(Fit(name, Verdict.BACKOFF))
             continue
-        if max_usable < need and (n_gpus < 2 or sum_usable < span_need(need, n_gpus)):
+        if max_usable < need and (n_gpus < 2 or sum_usable < span_all):
             span = sum_usable if n_gpus > 1 else None
             add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, max_usable, span))
             continue
@@ -624,14 +808,14 @@ def _judge(
             k = bisect_left(frees, need)  # the smallest free that holds it is the best fit
             if k < len(frees):
                 f = new(Fit, (name, fits_v, singles[k], (), frees[k] - need, need, None, None, ""))
-            elif len(frees) > 1 and total >= span_need(need, len(frees)):
-                left = total - span_need(need, len(frees))
+            elif len(frees) > 1 and total >= span_all:
+                left = total - span_all
                 f = new(Fit, (name, fits_v, tuple(range(len(frees))), (), left, need, None, None, ""))
             else:
                 add(new(Fit, (name, no_room, (), (), None, need, total, None, "")))
                 continue
         else:
-            spot = room.place(name, need, returned)
+            spot = room.place(name, need, span_all, returned)
             if spot is None:
                 add(Fit(name, no_room, (), (), None, need, sum(room.free.get(name, ()))))
                 continue
@@ -669,34 +853,33 @@ def _best_fit(
 
 
 def _make_room(
-    state: ClusterState,
+    ctx: _Pass,
     model: str,
-    need: int,
+    per_pid: Sequence[tuple[int | None, int | None]],
     fits: list[Fit],
-    chosen: list[str],
-    room: _Room,
-    priority: Mapping[str, PriorityModel],
-    config: Config,
-    evicted: dict[str, set[str]],
+    exclude: list[str],
 ) -> tuple[str, tuple[int, ...], list[str], int] | None:
-    if config.evict == "never":
+    """The node that needs the fewest bytes unloaded (as policy allows) to take ``model``."""
+    if ctx.config.evict == "never":
         return None
     best: tuple[tuple[int, int, int], str, tuple[int, ...], list[str], int] | None = None
-    protected = set(priority) | {model}
     for i, f in enumerate(fits):  # fits are in node order: i breaks ties like config order
-        if f.verdict is not Verdict.NO_ROOM or f.node in chosen:
+        if f.verdict is not Verdict.NO_ROOM or f.node in exclude:
             continue
-        node = state.node(f.node)
+        need, span = per_pid[ctx.node_pid[f.node]]
+        if need is None or span is None:
+            continue
+        node = ctx.state.node(f.node)
         assert node is not None
         own = node.loaded_model(model)
         returned = own.vram_bytes if own is not None else 0
         victims = [model] if own is not None else []
-        for v in _victims(node, protected | evicted.get(f.node, set()), config.evict, state.observed_at):
-            if room.place(f.node, need, returned) is not None:
+        for v in ctx.allowed_victims(node, model, ()):
+            if ctx.room.place(f.node, need, span, returned) is not None:
                 break
             victims.append(v.name)
             returned += v.vram_bytes
-        spot = room.place(f.node, need, returned)
+        spot = ctx.room.place(f.node, need, span, returned)
         if spot is None:
             continue
         key = (returned, len(victims), i)

@@ -24,7 +24,8 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.isoformat() if ts is not None else None
 
 
-def _fit_json(f: Fit) -> Json:
+def _fit_json(f: Fit, m: ModelPlan) -> Json:
+    need = m.need_on(f.node)
     return {
         "node": f.node,
         "fits": f.fits,
@@ -32,6 +33,10 @@ def _fit_json(f: Fit) -> Json:
         "reason": f.reason,
         "gpus": list(f.gpus),
         "evict": list(f.evict),
+        "need_bytes": need.need_bytes,
+        "size_source": need.source.value,
+        "context_length": need.context_length,
+        "era": need.era,
     }
 
 
@@ -58,7 +63,8 @@ def _model_json(m: ModelPlan, state: ClusterState) -> Json:
             "nodes": list(m.decision.nodes),
             "reason": m.decision.reason,
         },
-        "fits": [_fit_json(f) for f in m.fits],
+        "era": m.need.era,
+        "fits": [_fit_json(f, m) for f in m.fits],
     }
     if m.priority:
         out["replicas_wanted"] = m.replicas_wanted

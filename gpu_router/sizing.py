@@ -1,8 +1,19 @@
-"""How much VRAM a model needs to sit fully on one GPU. Pure functions.
+"""How much VRAM a model needs on one node, from the best source there is. Pure.
 
-Sources, best first: what ``/api/ps`` showed for the model fully on GPU (now, or learned before);
-an estimate from ``/api/show`` metadata with Ollama's classic formula; the file size with a stated
-overhead; unknown. Every figure carries its source so the report can show how sure it is.
+A need belongs to a (model, node) pair: the node's Ollama version, its GPUs and its ``OLLAMA_*``
+settings decide the context, the parallel slots, the KV cache type and the engine that sizes the
+model (see :mod:`gpu_router.memory`). Sources, best first:
+
+1. **given**: fixed by the caller (tests, benchmarks, what-if questions);
+2. **observed**: ``/api/ps`` shows the model fully on GPU somewhere right now *with the same key*
+   (digest, context, parallel slots, KV type, engine era), turned into that era's fit need;
+3. **learned**: such a size seen earlier, kept in the state directory under the same key;
+4. **estimated**: the engine's estimate from ``/api/show`` metadata and the file size;
+5. **file**: the file size with a stated overhead, when there is no metadata;
+6. **unknown**: nothing is placed on a guess. A cloud model is never sized (``cloud``).
+
+A size is only ever reused for exactly its key: one seen at 128k context on a 48 GB node says
+nothing about the same model at 4k on a 24 GB node.
 """
 
 from __future__ import annotations
@@ -11,108 +22,71 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gpu_router.state import MIB, ClusterState, ModelInfo, Processor
+from gpu_router.config import Config, NodeConfig
+from gpu_router.memory import (
+    MemoryEstimate,
+    NodeProfile,
+    OllamaEnv,
+    estimate_memory,
+    need_from_observed,
+    parse_ollama_env,
+)
+from gpu_router.memory.version import Era
+from gpu_router.state import MIB, ClusterState, LoadedModel, ModelInfo, NodeState, Processor, VramSource
+from gpu_router.store import SizeKey
 
 # Ollama reserves this much per GPU before placing any layer (ml/device.go MinimumMemory, CUDA/ROCm).
 GPU_MINIMUM_BYTES = 457 * MIB
 # Without metadata, weights are the file; KV cache, graph and buffers are taken as 20% more.
 FILE_OVERHEAD_RATIO = 1.2
-# Ollama's default micro-batch; the graph scales with min(num_batch, num_ctx).
-NUM_BATCH = 512
 
 
 class SizeSource(str, enum.Enum):
     """How a size figure was obtained, most trustworthy first."""
 
-    GIVEN = "given"  # fixed by the caller
+    GIVEN = "given"
     OBSERVED = "observed"
+    LEARNED = "learned"
     ESTIMATED = "estimated"
     FILE = "file"
+    CLOUD = "cloud"
     UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
 class SizeEstimate:
-    """VRAM a model needs, where that figure came from, and how it was made up."""
+    """VRAM a model needs on one node, where that figure came from, and the estimate behind it."""
 
     need_bytes: int | None
     source: SizeSource
     detail: str = ""
     context_length: int | None = None
+    era: str | None = None
+    memory: MemoryEstimate | None = None  # the engine's breakdown, for explain and the pre-load check
+    key: SizeKey | None = None  # what an observed size must match to be this model here
 
-
-@dataclass(frozen=True)
-class Breakdown:
-    """The parts of a formula estimate, in bytes."""
-
-    weights_bytes: int
-    kv_bytes: int
-    graph_bytes: int
-    minimum_bytes: int
-    buffer_bytes: int
-    context_length: int
+    def span_need(self, gpu_count: int) -> int | None:
+        """The need when split over ``gpu_count`` GPUs: each extra GPU pays the era's per-GPU cost."""
+        if self.need_bytes is None:
+            return None
+        if gpu_count <= 1:
+            return self.need_bytes
+        if self.memory is not None:
+            return self.need_bytes + self.memory.span_need_bytes(gpu_count) - self.memory.need_bytes
+        return self.need_bytes + (gpu_count - 1) * GPU_MINIMUM_BYTES
 
     @property
-    def total_bytes(self) -> int:
-        """The sum that must fit on one GPU."""
-        return self.weights_bytes + self.kv_bytes + self.graph_bytes + self.minimum_bytes + self.buffer_bytes
-
-
-def effective_context(info: ModelInfo, default_num_ctx: int) -> int:
-    """The context a model runs with: its own num_ctx, else the configured one, clamped to training."""
-    ctx = info.num_ctx or default_num_ctx
-    if info.context_length:
-        ctx = min(ctx, info.context_length)
-    return max(ctx, 1)
-
-
-def breakdown(info: ModelInfo, file_size_bytes: int, default_num_ctx: int) -> Breakdown | None:
-    """Ollama's classic (<= v0.12) full-offload estimate; None when metadata is missing.
-
-    VRAM ~= W + KV(C) + graph(C) + 457 MiB + one layer of buffer (W/L + KV/L).
-    """
-    layers, embed, heads = info.block_count, info.embedding_length, info.head_count
-    if not layers or not embed or not heads:
-        return None
-    kv_heads = info.head_count_kv or heads
-    ctx = effective_context(info, default_num_ctx)
-    head_dim = embed // heads
-    key_len = info.key_length or head_dim
-    value_len = info.value_length or head_dim
-    kv = layers * ctx * (key_len + value_len) * kv_heads * 2  # f16: 2 bytes per element
-    batch = min(NUM_BATCH, ctx)
-    if info.architecture == "llama":
-        graph = 4 * batch * (1 + 4 * embed + ctx * (1 + heads))
-        if info.vocab_size:
-            graph = max(graph, 4 * batch * (embed + info.vocab_size))
-    else:
-        # Ollama's fallback for architectures without their own GraphSize case.
-        graph = (heads // max(kv_heads, 1)) * kv // 6
-    return Breakdown(
-        weights_bytes=file_size_bytes,
-        kv_bytes=kv,
-        graph_bytes=graph,
-        minimum_bytes=GPU_MINIMUM_BYTES,
-        buffer_bytes=file_size_bytes // layers + kv // layers,
-        context_length=ctx,
-    )
+    def preload_bytes(self) -> int | None:
+        """llama-server era: what Ollama's own pre-load check weighs against 80% of free VRAM."""
+        return self.memory.preload_bytes if self.memory is not None else None
 
 
 def _mib(n: int) -> str:
     return f"{n / MIB:,.0f} MiB"
 
 
-def estimate(info: ModelInfo | None, file_size_bytes: int | None, default_num_ctx: int) -> SizeEstimate:
-    """Size from metadata, else from the file, else unknown."""
-    if info is not None and file_size_bytes:
-        b = breakdown(info, file_size_bytes, default_num_ctx)
-        if b is not None:
-            detail = (
-                f"weights {_mib(b.weights_bytes)} + KV {_mib(b.kv_bytes)} + graph {_mib(b.graph_bytes)}"
-                f" + minimum {_mib(b.minimum_bytes)} + buffer {_mib(b.buffer_bytes)}"
-                f" at ctx {b.context_length}"
-            )
-            return SizeEstimate(b.total_bytes, SizeSource.ESTIMATED, detail, b.context_length)
+def file_estimate(file_size_bytes: int | None) -> SizeEstimate:
+    """The fallback without metadata: the file plus a stated overhead, else unknown."""
     if file_size_bytes:
         need = int(file_size_bytes * FILE_OVERHEAD_RATIO) + GPU_MINIMUM_BYTES
         detail = f"file {_mib(file_size_bytes)} x {FILE_OVERHEAD_RATIO} + minimum {_mib(GPU_MINIMUM_BYTES)}"
@@ -120,41 +94,193 @@ def estimate(info: ModelInfo | None, file_size_bytes: int | None, default_num_ct
     return SizeEstimate(None, SizeSource.UNKNOWN, "no size on any node")
 
 
-class SizeIndex:
-    """What one cluster observation says about every model's size, gathered in one pass."""
+def describe(m: MemoryEstimate) -> str:
+    """One line: the parts of an estimate, the context and the era."""
+    parts = [f"weights {_mib(m.weights_bytes)}", f"KV {_mib(m.kv_bytes)}", f"graph {_mib(m.graph_bytes)}"]
+    if m.projector_bytes:
+        parts.append(f"projector {_mib(m.projector_bytes)}")
+    parts.append(f"reserve {_mib(m.reserve_bytes)}")
+    if m.buffer_bytes:
+        parts.append(f"buffer {_mib(m.buffer_bytes)}")
+    slots = f" x {m.num_parallel}" if m.num_parallel > 1 else ""
+    return f"{' + '.join(parts)} at ctx {m.context_length}{slots}, {m.era.value} (Ollama {m.version or '?'})"
 
-    def __init__(self, state: ClusterState, needs: Mapping[str, int] | None = None) -> None:
-        self._needs = needs or {}
-        self.observed: dict[str, tuple[int, str]] = {}  # largest size fully on GPU, and where
-        self.file_bytes: dict[str, int] = {}
+
+def node_env(config: Config, node: NodeConfig | None) -> OllamaEnv:
+    """A node's parsed OLLAMA_* settings (top level, overridden key by key by the node's own).
+
+    The config was validated when loaded, so a value that does not parse here cannot happen; the
+    defaults are the safe answer if it somehow does.
+    """
+    merged = config.node_env(node) if node is not None else config.ollama_env
+    try:
+        return parse_ollama_env(merged)
+    except ValueError:
+        return OllamaEnv()
+
+
+def node_profile(node: NodeState, env: OllamaEnv) -> NodeProfile:
+    """What decides a model's memory on ``node``: its version, its GPUs, its settings."""
+    totals = tuple(g.total_bytes for g in node.gpu.gpus if g.total_bytes > 0)
+    library = (
+        "rocm"
+        if node.gpu.source is VramSource.AMD or node.gpu.detail.startswith(("amd", "omnistat"))
+        else "cuda"
+    )
+    return NodeProfile(node.version, totals, env, library)
+
+
+def size_key(digest: str, m: MemoryEstimate, context_length: int | None = None) -> SizeKey:
+    """The key a size of this model under this estimate's settings is filed under."""
+    ctx = context_length or m.ps_context_length or m.context_length
+    return SizeKey(digest, ctx, m.num_parallel, m.kv_cache_type, m.era.value)
+
+
+class Sizer:
+    """Needs per (model, node) for one observation, each from the best source; cached per profile.
+
+    Many nodes share a profile (same version, GPUs and settings), so the engine runs once per
+    (model, profile, num_ctx), not once per node.
+    """
+
+    def __init__(
+        self,
+        state: ClusterState,
+        config: Config,
+        learned: Mapping[SizeKey, int] | None = None,
+        needs: Mapping[str, int] | None = None,
+    ) -> None:
         self._state = state
-        for node in state.nodes:
-            if not node.up:
+        self._needs = needs or {}
+        self._learned = learned or {}
+        configs = {n.name: n for n in config.nodes}
+        envs: dict[NodeConfig | None, OllamaEnv] = {}
+        self.profiles: dict[str, NodeProfile] = {}
+        for n in state.nodes:
+            cfg = configs.get(n.name)
+            if cfg not in envs:
+                envs[cfg] = node_env(config, cfg)
+            self.profiles[n.name] = node_profile(n, envs[cfg])
+        self.file_bytes: dict[str, int] = {}
+        self.digests: dict[str, str] = {}
+        self.cloud: set[str] = set()
+        for n in state.nodes:
+            if not n.up:
                 continue
-            for m in node.loaded:
-                seen = self.observed.get(m.name)
-                if m.processor is Processor.GPU and (seen is None or m.size_bytes > seen[0]):
-                    self.observed[m.name] = (m.size_bytes, node.name)
-            for inst in node.installed:
+            for inst in n.installed:
                 if inst.size_bytes > self.file_bytes.get(inst.name, 0):
                     self.file_bytes[inst.name] = inst.size_bytes
+                if inst.digest:
+                    self.digests.setdefault(inst.name, inst.digest)
+                if inst.remote:
+                    self.cloud.add(inst.name)
+            for m in n.loaded:
+                if m.digest:
+                    self.digests.setdefault(m.name, m.digest)
+        self._estimates: dict[tuple[str, NodeProfile, int | None], MemoryEstimate | None] = {}
+        self._needs_cache: dict[tuple[str, NodeProfile, int | None], SizeEstimate] = {}
+        self._observed = self._observed_sizes()
 
-    def need(self, model: str, default_num_ctx: int) -> SizeEstimate:
-        """The VRAM ``model`` needs, from the best source available."""
+    def info(self, model: str) -> ModelInfo | None:
+        """The model's ``/api/show`` metadata, from the first node that reported it."""
+        return self._state.model_info(model)
+
+    def is_cloud(self, model: str) -> bool:
+        """A cloud model (``remote_model``/``remote_host``): it runs elsewhere, never placed here."""
+        info = self.info(model)
+        return model in self.cloud or (info is not None and info.remote)
+
+    def estimate(self, model: str, profile: NodeProfile, num_ctx: int | None = None) -> MemoryEstimate | None:
+        """The engine's estimate for ``model`` under ``profile`` (cached)."""
+        key = (model, profile, num_ctx)
+        if key not in self._estimates:
+            info = self.info(model)
+            file_bytes = self.file_bytes.get(model)
+            est = None
+            if info is not None and file_bytes and not self.is_cloud(model):
+                est = estimate_memory(info, file_bytes, profile, num_ctx=num_ctx)
+            self._estimates[key] = est
+        return self._estimates[key]
+
+    def need(self, model: str, node: str, num_ctx: int | None = None) -> SizeEstimate:
+        """What ``model`` needs on ``node`` (at ``num_ctx`` when gpu-router asks for one)."""
+        profile = self.profiles[node]
+        key = (model, profile, num_ctx)
+        found = self._needs_cache.get(key)
+        if found is None:
+            found = self._needs_cache[key] = self._need(model, profile, num_ctx)
+        return found
+
+    def _need(self, model: str, profile: NodeProfile, num_ctx: int | None) -> SizeEstimate:
         given = self._needs.get(model)
         if given is not None:
             return SizeEstimate(given, SizeSource.GIVEN, "given by the caller")
-        seen = self.observed.get(model)
-        if seen is not None:
-            return SizeEstimate(seen[0], SizeSource.OBSERVED, f"/api/ps on {seen[1]}, fully on GPU")
-        return estimate(self._state.model_info(model), self.file_bytes.get(model), default_num_ctx)
+        if self.is_cloud(model):
+            return SizeEstimate(None, SizeSource.CLOUD, "a cloud model: it runs on Ollama's servers")
+        est = self.estimate(model, profile, num_ctx)
+        if est is None:
+            return file_estimate(self.file_bytes.get(model))
+        ctx = est.ps_context_length or est.context_length
+        era = est.era.value
+        digest = self.digests.get(model, "")
+        key = size_key(digest, est) if digest else None
+        if key is not None:
+            seen = self._observed.get(key)
+            if seen is not None:
+                need = need_from_observed(seen[0], est)
+                detail = f"/api/ps on {seen[1]} ({_mib(seen[0])}) + what {era} keeps beside it"
+                return SizeEstimate(need, SizeSource.OBSERVED, detail, ctx, era, est, key)
+            learned = self._learned.get(key)
+            if learned is not None:
+                need = need_from_observed(learned, est)
+                detail = f"learned from an earlier /api/ps ({_mib(learned)}) + what {era} keeps beside it"
+                return SizeEstimate(need, SizeSource.LEARNED, detail, ctx, era, est, key)
+        return SizeEstimate(est.need_bytes, SizeSource.ESTIMATED, describe(est), ctx, era, est, key)
 
+    def _observed_sizes(self) -> dict[SizeKey, tuple[int, str]]:
+        """Sizes /api/ps shows now for models fully on GPU, by key (the largest, and where)."""
+        out: dict[SizeKey, tuple[int, str]] = {}
+        for n in self._state.nodes:
+            if not n.up:
+                continue
+            for m in n.loaded:
+                if m.processor is not Processor.GPU or m.name in n.suspect:
+                    continue
+                key = self.key_for(n.name, m)
+                if key is not None and m.size_bytes > out.get(key, (0, ""))[0]:
+                    out[key] = (m.size_bytes, n.name)
+        return out
 
-def model_need(state: ClusterState, model: str, default_num_ctx: int) -> SizeEstimate:
-    """The VRAM ``model`` needs, from the best source available."""
-    return SizeIndex(state).need(model, default_num_ctx)
+    def key_for(self, node: str, m: LoadedModel) -> SizeKey | None:
+        """The key a loaded model's /api/ps size is filed under on ``node``, None if it cannot be told.
 
+        The context is the one /api/ps shows (a client may have loaded it at another than gpu-router
+        would); the slots, KV type and era are the node's.
+        """
+        found = self._keyed(node, m)
+        return found[0] if found is not None else None
 
-def span_need(need_bytes: int, gpu_count: int) -> int:
-    """VRAM a model needs when split over ``gpu_count`` GPUs: each GPU pays Ollama's minimum."""
-    return need_bytes + (gpu_count - 1) * GPU_MINIMUM_BYTES
+    def _keyed(self, node: str, m: LoadedModel) -> tuple[SizeKey, MemoryEstimate] | None:
+        digest = m.digest or self.digests.get(m.name, "")
+        est = self.estimate(m.name, self.profiles[node]) if node in self.profiles else None
+        if not digest or est is None:
+            return None
+        return size_key(digest, est, m.context_length), est
+
+    def learnable(self, node: NodeState, m: LoadedModel) -> SizeKey | None:
+        """The key to learn ``m``'s size under, when its /api/ps size can be learned at all.
+
+        Fully on GPU always; partly on CPU only where /api/ps ``size`` is the whole allocation. The
+        classic estimate (every model before v0.11.11, llama-engine models to v0.12.10) sizes a
+        partial load with the partial graph and without the full offload's buffers, so not there.
+        """
+        if m.name in node.suspect or m.processor is Processor.CPU:
+            return None
+        found = self._keyed(node.name, m)
+        if found is None:
+            return None
+        key, est = found
+        classic = est.era is Era.CLASSIC or (est.era is Era.MIXED and est.engine == "llama")
+        if m.processor is not Processor.GPU and classic:
+            return None
+        return key

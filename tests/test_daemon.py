@@ -31,6 +31,7 @@ from gpu_router.daemon import Daemon
 from gpu_router.emulator import EmulatedNode, Fault
 from gpu_router.executor import Backoff
 from gpu_router.state import NodeStatus
+from gpu_router.store import SizeStore
 from gpu_router.systemd import Notifier
 
 MakeDaemon = Callable[..., Daemon]
@@ -506,7 +507,10 @@ def test_cpu_fallback_loads_on_a_cpu_node_when_no_gpu_has_room(
     assert f"action load node=cpu-1 model={LLAMA31} result=ok" in caplog.text
     assert "result=failed" not in caplog.text
     assert daemon.backoff.blocked() == frozenset()
-    assert LLAMA31 not in daemon.store.sizes, "a size on CPU was learned as the VRAM it needs"
+    digest = entry["digest"]
+    assert not [k for k in daemon.store.sizes if k.digest == digest], (
+        "a size on CPU was learned as the VRAM it needs"
+    )
 
 
 def test_a_failing_cpu_fallback_load_is_backed_off(make_node: MakeNode, make_daemon: MakeDaemon) -> None:
@@ -565,3 +569,19 @@ def test_an_unexpected_error_in_a_reconcile_is_logged_and_the_loop_goes_on(
     assert not loop.is_alive()
     assert "reconcile #1 failed; trying again next cycle" in caplog.text
     assert "RuntimeError: a bug, not a node fault" in caplog.text
+
+
+def test_sizes_are_learned_under_their_whole_key(make_node: MakeNode, make_daemon: MakeDaemon) -> None:
+    a = make_node("gpu-a", models=(LLAMA32,))
+    daemon = make_daemon([a], [LLAMA32])
+    settle(daemon)
+    entry = ps_entry(a, LLAMA32)
+    assert entry is not None
+    keys = [k for k in daemon.store.sizes if k.digest == entry["digest"]]
+    assert len(keys) == 1
+    (key,) = keys
+    assert (key.context_length, key.num_parallel, key.kv_cache_type) == (entry["context_length"], 1, "f16")
+    assert daemon.store.sizes[key] == entry["size"]
+    # Saved, so a restart (or a report) sizes from it without the model being loaded.
+    again = SizeStore(daemon.store.path)
+    assert again.load() == {key: entry["size"]}

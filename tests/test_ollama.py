@@ -1087,10 +1087,17 @@ def test_absurd_version_string_is_bad_response(ollama: FakeOllama, client: Ollam
         client.version()
 
 
-def test_exception_inside_a_parser_is_bad_response(ollama: FakeOllama, client: OllamaClient) -> None:
-    # parse_show reads num_ctx with int(): past Python's 4300-digit limit that is a ValueError
-    body = {"model_info": {"general.architecture": "llama"}, "parameters": "num_ctx " + "1" * 5000}
-    ollama.route("POST", "/api/show", body)
+def test_exception_inside_a_parser_is_bad_response(
+    ollama: FakeOllama, client: OllamaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever a parser raises on a body it did not expect is that node's bad answer, not a crash.
+    import gpu_router.ollama as module
+
+    def broken(body: object, model: str, node: str = "node") -> object:
+        return int("1" * 5000)  # ValueError past Python's 4300-digit limit
+
+    monkeypatch.setattr(module, "parse_show", broken)
+    ollama.route("POST", "/api/show", {"model_info": {}})
     with pytest.raises(BadResponse, match=r"/api/show llama3\.2: cannot use the response \(ValueError\)"):
         client.show("llama3.2")
 

@@ -22,19 +22,13 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.constructor import SafeConstructor
 
+from gpu_router.memory.env import SIZING_KEYS, EnvValueError, parse_ollama_env
+
 GpuKind = str
 """``auto`` or a row name of :data:`gpu_router.gpus.kinds.GPU_SOURCE_KINDS` (nvml, amd, exporter...)."""
 EvictPolicy = Literal["never", "idle", "any"]
 
-OLLAMA_SIZING_NAMES = (
-    "OLLAMA_CONTEXT_LENGTH",
-    "OLLAMA_NUM_PARALLEL",
-    "OLLAMA_KV_CACHE_TYPE",
-    "OLLAMA_FLASH_ATTENTION",
-    "OLLAMA_GPU_OVERHEAD",
-    "OLLAMA_MAX_LOADED_MODELS",
-    "OLLAMA_SCHED_SPREAD",
-)
+OLLAMA_SIZING_NAMES = SIZING_KEYS
 """The OLLAMA_* settings that change how much VRAM a model needs."""
 
 EX_CONFIG = 78  # sysexits.h: a configuration error; systemd must not restart-loop on it
@@ -648,6 +642,12 @@ class _Walker:
                 )
             value = self.scalar(value_node, env_key)
             assert isinstance(value, (str, int, float, bool))
+            try:
+                # Checked as the node's Ollama would read it: a value it would silently ignore
+                # would make gpu-router size models for settings the node does not have.
+                parse_ollama_env({name: value})
+            except EnvValueError as e:
+                self.fail(value_node, env_key, e.message)
             out[name] = value
         return MappingProxyType(out)
 

@@ -807,6 +807,34 @@ BAD = [
         "config.yaml:2: ollama_env.OLLAMA_NUM_PARALLEL: expected a value as Ollama reads it, got a list",
     ),
     (
+        "nodes: [http://a]\nollama_env: {OLLAMA_NUM_PARALLEL: two}\n",
+        (
+            "config.yaml:2: ollama_env.OLLAMA_NUM_PARALLEL: 'two' is not a whole number; Ollama reads digits "
+            "only (a number of parallel requests, e.g. 2) and ignores the rest"
+        ),
+    ),
+    (
+        "nodes:\n  - url: http://a\n    ollama_env: {OLLAMA_FLASH_ATTENTION: yes please}\n",
+        (
+            "config.yaml:3: nodes[0].ollama_env.OLLAMA_FLASH_ATTENTION: 'yes please' is not a boolean Ollama "
+            "reads (1, t, true, TRUE, True / 0, f, false, FALSE, False); Ollama would treat it as true"
+        ),
+    ),
+    (
+        "nodes: [http://a]\nollama_env: {OLLAMA_KV_CACHE_TYPE: q3}\n",
+        (
+            "config.yaml:2: ollama_env.OLLAMA_KV_CACHE_TYPE: 'q3' is not a cache type Ollama knows: f16, "
+            "q8_0, q4_0 (and from v0.30 also f32, bf16, q4_1, q5_0, q5_1, iq4_nl)"
+        ),
+    ),
+    (
+        "nodes: [http://a]\nollama_env: {OLLAMA_GPU_OVERHEAD: 512MiB}\n",
+        (
+            "config.yaml:2: ollama_env.OLLAMA_GPU_OVERHEAD: '512MiB' is not a whole number; Ollama reads "
+            "digits only (bytes per GPU, e.g. 536870912) and ignores the rest"
+        ),
+    ),
+    (
         "nodes: [http://a]\nollama_env: [OLLAMA_NUM_PARALLEL=2]\n",
         "config.yaml:2: ollama_env: expected a mapping of OLLAMA_* variables to values, got a list",
     ),

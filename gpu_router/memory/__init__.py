@@ -15,18 +15,55 @@ Pure: no I/O and no logging. The lead-facing API:
 
 from __future__ import annotations
 
-from gpu_router.memory.classic import ClassicInputs, GpuLayers, estimate_gpu_layers
-from gpu_router.memory.engine import (
-    MemoryEstimate,
-    NodeProfile,
-    classic_inputs,
-    estimate_memory,
-    max_loaded_models,
-    need_from_observed,
-    preload_check_passes,
-)
-from gpu_router.memory.env import SIZING_KEYS, EnvValueError, OllamaEnv, parse_ollama_env
-from gpu_router.memory.version import Era, era_of, parse_version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpu_router.memory.classic import ClassicInputs, GpuLayers, estimate_gpu_layers
+    from gpu_router.memory.engine import (
+        MemoryEstimate,
+        NodeProfile,
+        classic_inputs,
+        estimate_memory,
+        max_loaded_models,
+        need_from_observed,
+        preload_check_passes,
+    )
+    from gpu_router.memory.env import SIZING_KEYS, EnvValueError, OllamaEnv, parse_ollama_env
+    from gpu_router.memory.version import Era, era_of, parse_version
+
+# Loaded on first use (PEP 562): config validation needs only env.py, and --check-config must
+# not pay for the estimators.
+_HOME = {
+    "ClassicInputs": "classic",
+    "GpuLayers": "classic",
+    "estimate_gpu_layers": "classic",
+    "MemoryEstimate": "engine",
+    "NodeProfile": "engine",
+    "classic_inputs": "engine",
+    "estimate_memory": "engine",
+    "max_loaded_models": "engine",
+    "need_from_observed": "engine",
+    "preload_check_passes": "engine",
+    "SIZING_KEYS": "env",
+    "EnvValueError": "env",
+    "OllamaEnv": "env",
+    "parse_ollama_env": "env",
+    "Era": "version",
+    "era_of": "version",
+    "parse_version": "version",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SIZING_KEYS",

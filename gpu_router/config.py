@@ -97,6 +97,10 @@ class Config:
     cpu_fallback: bool = False
     state_dir: str | None = None
     path: str = ""  # the file it came from, for messages
+    listen: str | None = None  # "host:port" of the HTTP API and /metrics; None = no listener
+    # Bearer token the API asks for (every path but /healthz); repr=False keeps it out of every repr.
+    api_token: str | None = field(default=None, repr=False)
+    down_after: int = 2  # consecutive failed polls before a node is down
 
 
 def normalize_model_name(name: str) -> str:

@@ -190,6 +190,11 @@ class ModelPlan:
     replicas_wanted: int = 0  # priority models only
     replicas_on_gpu: int = 0
 
+    @property
+    def satisfied(self) -> bool:
+        """A priority model is "on GPU" when its replicas fully on GPU reach max(1, wanted)."""
+        return self.priority and self.replicas_on_gpu >= max(1, self.replicas_wanted)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -205,6 +210,12 @@ class Plan:
             if m.model == name:
                 return m
         return None
+
+
+def priority_on_gpu(plan: Plan) -> tuple[int, int]:
+    """(priority models on GPU, priority models): the one count the report, STATUS and metrics show."""
+    priority = [m for m in plan.models if m.priority]
+    return sum(1 for m in priority if m.satisfied), len(priority)
 
 
 def _gib(n: int | None) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from builders import NOW, cluster, config, gib, learned, loaded, node
 from obs_helpers import HealthGpu, parse_metrics, sample, series
+from prometheus_client import generate_latest
 
 from gpu_router import __version__
 from gpu_router.config import PriorityModel
@@ -290,3 +291,28 @@ def test_textfile_in_a_missing_directory_fails_and_leaves_nothing(tmp_path: Path
     with pytest.raises(FileNotFoundError):
         write_textfile(tmp_path / "missing" / "x.prom", static_snapshot(cfg, state, plan(state, cfg)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_fast_renderer_writes_exactly_what_generate_latest_writes() -> None:
+    state, cfg = _state_and_config()
+    odd = 'we"ird\\model\nname:latest'  # label values that need escaping
+    a = replace(state.nodes[0], loaded=(*state.nodes[0].loaded, loaded(odd, 0.5)))
+    state = cluster(a, *state.nodes[1:])
+    t = published(state, cfg)
+    t.action_finished(ActionResult(Action(ActionKind.LOAD, "gpu-a", odd, "r"), True, "ok", 0.5))
+    t.reconcile_seconds.observe(1e6)  # +Inf bucket
+    registry = registry_for(TelemetryCollector(t))
+    fast = render(registry)
+    assert fast == generate_latest(registry)
+    assert b'model="we\\"ird\\\\model\\nname:latest"' in fast
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -2.5, 1e-9, 123456.0, 1234567.0, 8.588886016e9, 1e16, 1e300])
+def test_sample_values_are_written_as_go_writes_them(value: float) -> None:
+    from prometheus_client.utils import floatToGoString
+
+    from gpu_router.metrics import _go_float
+
+    assert _go_float(value) == floatToGoString(value)
+    for special in (float("inf"), float("-inf"), float("nan")):
+        assert _go_float(special) == floatToGoString(special)

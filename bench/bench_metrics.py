@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=20)
     ap.add_argument("--scrapes", type=int, default=200)
     ap.add_argument("--routes", type=int, default=5000)
+    ap.add_argument("--cold", type=int, default=30, help="scrapes right after a new observation")
     args = ap.parse_args()
 
     state, config = build(args.nodes, args.gpus, args.models)
@@ -156,14 +157,24 @@ def main() -> None:
         )
         timed_gets(conn, ["/metrics"] * 5)  # warm-up: imports, first allocations
         scrape, size = timed_gets(conn, ["/metrics"] * args.scrapes)
+        cold, primed, prime = [], [], []
+        for i in range(args.cold):
+            publish(t, state, config, 100 + i)  # a new observation: its gauges must be rendered afresh
+            times, _ = timed_gets(conn, ["/metrics"])
+            cold.append(times[0])
+        for i in range(args.cold):
+            publish(t, state, config, 200 + i)
+            start = time.perf_counter()
+            api.prime()  # what the daemon does after each reconcile, in its main loop
+            prime.append(time.perf_counter() - start)
+            times, _ = timed_gets(conn, ["/metrics"])
+            primed.append(times[0])
         registry = registry_for(TelemetryCollector(t))
-        in_process = []
-        for _ in range(args.scrapes):
+        in_process, stock = [], []
+        for _ in range(args.cold):
             start = time.perf_counter()
             render(registry)
             in_process.append(time.perf_counter() - start)
-        stock = []
-        for _ in range(args.scrapes):
             start = time.perf_counter()
             generate_latest(registry)
             stock.append(time.perf_counter() - start)
@@ -173,13 +184,19 @@ def main() -> None:
             f"max {ms(max(scrape))} over {args.scrapes} scrapes; {size / 1024:.0f} KiB, {lines} samples"
         )
         print(
-            f"collector alone (no HTTP): median {ms(statistics.median(in_process))}; "
-            f"HTTP adds {statistics.median(scrape) / statistics.median(in_process):.2f}x"
+            "first /metrics after a new observation, rendered in the request: "
+            f"median {ms(statistics.median(cold))}, max {ms(max(cold))} over {args.cold}"
+        )
+        print(
+            "the same, primed after the reconcile as the daemon does: "
+            f"median {ms(statistics.median(primed))}; priming took {ms(statistics.median(prime))} "
+            "of the main loop's time per reconcile"
         )
         ratio = statistics.median(stock) / statistics.median(in_process)
         print(
-            f"the same families through prometheus-client's generate_latest: median "
-            f"{ms(statistics.median(stock))} ({ratio:.1f}x the collector with gpu-router's renderer)"
+            "rendering everything in process: gpu-router's renderer "
+            f"median {ms(statistics.median(in_process))}, "
+            f"prometheus-client's generate_latest {ms(statistics.median(stock))} ({ratio:.1f}x)"
         )
 
         models = [f"model-{rnd.randrange(args.models)}:latest" for _ in range(args.routes)]
@@ -206,6 +223,9 @@ def main() -> None:
         scrape_median, route_median = statistics.median(scrape), statistics.median(route)
         ok = "PASS" if scrape_median < SCRAPE_TARGET_S else "FAIL"
         print(f"{ok} against the target: scrape median {ms(scrape_median)} < {ms(SCRAPE_TARGET_S)}")
+        first = statistics.median(primed)
+        ok = "PASS" if first < SCRAPE_TARGET_S else "FAIL"
+        print(f"{ok} against the target, first scrape after a reconcile: {ms(first)} < {ms(SCRAPE_TARGET_S)}")
         ok = "PASS" if route_median < ROUTE_TARGET_S else "FAIL"
         print(f"{ok} against the target: route median {ms(route_median)} < {ms(ROUTE_TARGET_S)}")
     finally:

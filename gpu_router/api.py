@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from gpu_router.config import normalize_model_name
-from gpu_router.metrics import CONTENT_TYPE, TelemetryCollector, registry_for, render
+from gpu_router.metrics import CONTENT_TYPE, Scraper
 from gpu_router.snapshot import DaemonSnapshot, OptimizeTicket, Telemetry
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         snap = api.telemetry.snapshot
         if path == "/metrics":
-            self._send(200, render(api.registry), CONTENT_TYPE, head=head)
+            self._send(200, api.scraper.scrape(), CONTENT_TYPE, head=head)
         elif path == "/api/v1/status":
             self._json(200, snap.status_json(), head=head)
         elif path == "/api/v1/route":
@@ -288,7 +288,7 @@ class ApiServer:
         self.token = token or None
         self.optimize = optimize
         self.clock = clock
-        self.registry = registry_for(TelemetryCollector(telemetry))
+        self.scraper = Scraper(telemetry)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -302,6 +302,11 @@ class ApiServer:
         )
         self._thread.start()
         return self.host, self.port
+
+    def prime(self) -> None:
+        """Build what the current snapshot serves (route index, gauges) now, not on the first request."""
+        _ = self.telemetry.snapshot.routes
+        self.scraper.prime()
 
     @property
     def url(self) -> str:

@@ -435,6 +435,8 @@ class Daemon:
             next_in_s=self.config.check_interval_s,
             backoffs=self.backoff.entries(),
         )
+        if self.api is not None:
+            self.api.prime()
         with self._tickets_lock:
             tickets = [t for t in self._tickets if t.reconcile is None and t.after < self.reconciles]
         for t in tickets:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -192,51 +192,55 @@ class TelemetryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Called by the registry at each scrape."""
-        t = self.telemetry
-        snap = t.snapshot  # one read: every family below describes the same moment
+        snap = self.telemetry.snapshot  # one read: every family below describes the same moment
         yield from snapshot_families(snap)
-        yield CounterMetricFamily(
-            "gpu_router_reconciles",
-            "Reconciles started since the daemon started.",
-            value=float(snap.reconciles),
-        )
-        buckets, total = t.reconcile_seconds.cumulative()
-        yield HistogramMetricFamily(
-            "gpu_router_reconcile_duration_seconds",
-            "Seconds one reconcile (observe, plan, start actions) took.",
-            buckets=[(_le(b), float(c)) for b, c in buckets],
-            sum_value=total,
-        )
-        if snap.last_reconcile_at is not None:
-            yield GaugeMetricFamily(
-                "gpu_router_last_reconcile_timestamp_seconds",
-                "Unix time the last reconcile finished.",
-                value=snap.last_reconcile_at.timestamp(),
-            )
+        yield from daemon_families(self.telemetry, snap)
+
+
+def daemon_families(t: Telemetry, snap: DaemonSnapshot) -> Iterator[Metric]:
+    """The daemon's own figures: reconcile count and timing, actions in flight, the counters."""
+    yield CounterMetricFamily(
+        "gpu_router_reconciles",
+        "Reconciles started since the daemon started.",
+        value=float(snap.reconciles),
+    )
+    buckets, total = t.reconcile_seconds.cumulative()
+    yield HistogramMetricFamily(
+        "gpu_router_reconcile_duration_seconds",
+        "Seconds one reconcile (observe, plan, start actions) took.",
+        buckets=[(_le(b), float(c)) for b, c in buckets],
+        sum_value=total,
+    )
+    if snap.last_reconcile_at is not None:
         yield GaugeMetricFamily(
-            "gpu_router_start_time_seconds",
-            "Unix time the daemon started.",
-            value=snap.started_at.timestamp(),
+            "gpu_router_last_reconcile_timestamp_seconds",
+            "Unix time the last reconcile finished.",
+            value=snap.last_reconcile_at.timestamp(),
         )
-        yield GaugeMetricFamily(
-            "gpu_router_actions_in_flight",
-            "Actions started and not finished.",
-            value=float(len(snap.in_flight)),
-        )
-        yield GaugeMetricFamily(
-            "gpu_router_backoffs",
-            "(model, node) pairs waiting after a failed load.",
-            value=float(len(snap.backoffs)),
-        )
-        for name, doc, counter in (
-            ("gpu_router_poll_errors", "Failed polls of a node, by reason.", t.poll_errors),
-            ("gpu_router_actions", "Actions finished, by result (ok, failed).", t.actions),
-            ("gpu_router_drift_events", "Drift seen between reconciles, by kind.", t.drift_events),
-        ):
-            family = CounterMetricFamily(name, doc, labels=list(counter.labelnames))
-            for labels, value in counter.samples():
-                family.add_metric(list(labels), value)
-            yield family
+    yield GaugeMetricFamily(
+        "gpu_router_start_time_seconds",
+        "Unix time the daemon started.",
+        value=snap.started_at.timestamp(),
+    )
+    yield GaugeMetricFamily(
+        "gpu_router_actions_in_flight",
+        "Actions started and not finished.",
+        value=float(len(snap.in_flight)),
+    )
+    yield GaugeMetricFamily(
+        "gpu_router_backoffs",
+        "(model, node) pairs waiting after a failed load.",
+        value=float(len(snap.backoffs)),
+    )
+    for name, doc, counter in (
+        ("gpu_router_poll_errors", "Failed polls of a node, by reason.", t.poll_errors),
+        ("gpu_router_actions", "Actions finished, by result (ok, failed).", t.actions),
+        ("gpu_router_drift_events", "Drift seen between reconciles, by kind.", t.drift_events),
+    ):
+        family = CounterMetricFamily(name, doc, labels=list(counter.labelnames))
+        for labels, value in counter.samples():
+            family.add_metric(list(labels), value)
+        yield family
 
 
 class SnapshotCollector(Collector):
@@ -289,21 +293,71 @@ def _label_value(v: str) -> str:
     return v
 
 
+class Scraper:
+    """What ``/metrics`` serves: the snapshot's gauges, rendered once per observation, plus the
+    daemon's counters rendered at every scrape.
+
+    The gauges depend only on the config, the observation and the plan, which change once a
+    reconcile; counters and timings change in between. Rendering the gauges of a large cluster
+    is most of a scrape's cost, so it is kept with the objects it came from and reused while
+    they are the current ones. Two scrapes racing may both render; each gets a right answer.
+    """
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self._cache: tuple[object, object, object, bytes] | None = None
+
+    def scrape(self) -> bytes:
+        """The text exposition of everything, as of the current snapshot."""
+        snap = self.telemetry.snapshot
+        return self._gauges(snap) + render_families(daemon_families(self.telemetry, snap))
+
+    def prime(self) -> None:
+        """Render the current snapshot's gauges now (the daemon calls this after a reconcile)."""
+        self._gauges(self.telemetry.snapshot)
+
+    def _gauges(self, snap: DaemonSnapshot) -> bytes:
+        cached = self._cache
+        if (
+            cached is not None
+            and cached[0] is snap.config
+            and cached[1] is snap.state
+            and cached[2] is snap.plan
+        ):
+            return cached[3]
+        gauges = render_families(snapshot_families(snap))
+        self._cache = (snap.config, snap.state, snap.plan, gauges)
+        return gauges
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
 def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format of everything in ``registry``."""
+    return render_families(registry.collect())
+
+
+def render_families(metrics: Iterable[Metric]) -> bytes:
     """The text exposition format of everything in ``registry``: byte for byte what
-    ``generate_latest`` writes for these families, in a third of the time.
+    ``generate_latest`` writes for these families, in about 60% of the time.
 
     ``generate_latest`` validates and escapes every label name of every sample (about 15 us a
     sample here); these names are this module's own and known valid, so only label values are
     escaped. Anything this fast path does not know (other types, timestamps, OpenMetrics-only
     samples) goes through ``generate_latest``.
     """
-    families = list(registry.collect())
+    families = list(metrics)
     out: list[str] = []
     for metric in families:
         mtype = _PLAIN_TYPES.get(metric.type)
         if mtype is None:
-            return generate_latest(registry)
+            return generate_latest(registry_for(_Families(families)))
         mname = metric.name + (
             "_total" if metric.type == "counter" else "_info" if metric.type == "info" else ""
         )
@@ -311,7 +365,7 @@ def render(registry: CollectorRegistry) -> bytes:
         out.append(f"# HELP {mname} {doc}\n# TYPE {mname} {mtype}\n")
         for sample in metric.samples:
             if sample.timestamp is not None or sample.name.endswith(_OM_SUFFIXES):
-                return generate_latest(registry)
+                return generate_latest(registry_for(_Families(families)))
             if sample.labels:
                 labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items()))
                 out.append(f"{sample.name}{{{labels}}} {_go_float(sample.value)}\n")

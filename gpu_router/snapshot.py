@@ -208,6 +208,7 @@ def build_routes(state: ClusterState, plan: Plan) -> dict[str, Route]:
 
 
 _EMPTY_PLAN = Plan((), (), ())
+_DERIVED = ("report", "routes")  # the cached properties that depend on state and plan only
 
 
 @dataclass(frozen=True)
@@ -411,7 +412,15 @@ class Telemetry:
     def _publish(self, **changes: Any) -> None:
         changes.setdefault("recent_actions", tuple(self._recent))
         changes.setdefault("in_flight", tuple(self._in_flight.values()))
-        self.snapshot = replace(self.snapshot, **changes)
+        old = self.snapshot
+        new = replace(old, **changes)
+        if new.state is old.state and new.plan is old.plan:
+            # An action result changes neither the observation nor the plan: keep what was
+            # already derived from them (cached_property stores it in the instance __dict__).
+            for key in _DERIVED:
+                if key in old.__dict__:
+                    new.__dict__[key] = old.__dict__[key]
+        self.snapshot = new
 
     def loop_started(self) -> None:
         """Remember the calling thread as the main loop, for /healthz."""

@@ -22,6 +22,7 @@ from gpu_router.config import PriorityModel
 from gpu_router.executor import ActionResult
 from gpu_router.metrics import (
     EXPORTED,
+    Scraper,
     TelemetryCollector,
     registry_for,
     render,
@@ -316,3 +317,36 @@ def test_sample_values_are_written_as_go_writes_them(value: float) -> None:
     assert _go_float(value) == floatToGoString(value)
     for special in (float("inf"), float("-inf"), float("nan")):
         assert _go_float(special) == floatToGoString(special)
+
+
+def test_the_scraper_serves_what_the_collector_says_and_follows_new_observations() -> None:
+    state, cfg = _state_and_config()
+    t = published(state, cfg)
+    scraper = Scraper(t)
+    scraper.prime()
+    assert scraper.scrape() == render(registry_for(TelemetryCollector(t)))
+    # an action result: counters move, the observation's gauges are reused, the answer is still exact
+    t.action_finished(ActionResult(Action(ActionKind.LOAD, "gpu-b", EMBED, "r"), True, "ok", 1.0))
+    assert scraper.scrape() == render(registry_for(TelemetryCollector(t)))
+    s = parse_metrics(scraper.scrape().decode())
+    assert sample(s, "gpu_router_actions_total", node="gpu-b", model=EMBED, action="load", result="ok") == 1
+    # a new observation: gpu-b has the model now, and the gauges say so
+    b = replace(state.nodes[1], loaded=(loaded(EMBED, 0.5, pinned=True),))
+    newer = cluster(state.nodes[0], b, *state.nodes[2:])
+    t.reconciled(newer, plan(newer, cfg), reconcile=2, duration_s=0.1, next_in_s=300)
+    s = parse_metrics(scraper.scrape().decode())
+    assert sample(s, "gpu_router_model_loaded_bytes", node="gpu-b", model=EMBED, processor="gpu") == gib(0.5)
+    assert scraper.scrape() == render(registry_for(TelemetryCollector(t)))
+
+
+def test_what_a_snapshot_derived_survives_an_action_result_but_not_a_new_observation() -> None:
+    state, cfg = _state_and_config()
+    t = published(state, cfg)
+    routes = t.snapshot.routes
+    report = t.snapshot.report
+    t.actions_started(1, [Action(ActionKind.LOAD, "gpu-b", EMBED, "r")])
+    assert t.snapshot.routes is routes
+    assert t.snapshot.report is report
+    assert t.snapshot.daemon_json()["in_flight"][0]["model"] == EMBED
+    t.reconciled(state, plan(state, cfg), reconcile=2, duration_s=0.1, next_in_s=300)
+    assert t.snapshot.routes is not routes

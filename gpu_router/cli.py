@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TextIO
 
 from gpu_router import __version__
@@ -26,9 +27,11 @@ from gpu_router.planner import plan
 from gpu_router.report import (
     Json,
     Table,
+    action_table,
     build_report,
     gib,
     model_table,
+    node_tables,
     render,
     report_tables,
     summary_line,
@@ -272,7 +275,9 @@ def daemon_tables(d: Json) -> list[Table]:
     """The daemon's own fields from ``/api/v1/status``: timings, node states, actions, backoffs."""
 
     def when(iso: str | None) -> str:
-        return (iso or "-")[:19].replace("T", " ")
+        if not iso:
+            return "-"
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
     facts = [
         ("pid", str(d["pid"])),
@@ -338,7 +343,10 @@ def cmd_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         write_json(data, out)
     else:
-        tables = [*daemon_tables(data["daemon"]), *report_tables(data)]
+        tables = [*daemon_tables(data["daemon"]), *node_tables(data), model_table(data)]
+        planned = action_table(data, "Actions planned at the last reconcile")
+        if planned is not None:
+            tables.append(planned)
         footer = summary_line(data)
         if not data["daemon"]["reconciles"]:
             footer = "no reconcile has finished yet"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT_S = 10.0  # a client that sends nothing for this long is dropped
 MAX_BODY_BYTES = 4096  # only POST /api/v1/optimize takes a body, and ignores it
 MAX_WAIT_S = 900.0  # the longest an optimize request may hold its connection
+MAX_CONNECTIONS = 64  # one thread each; past this a new connection is closed at once
 
 _JSON = "application/json"
 _SECURITY_HEADERS = (
@@ -103,12 +106,35 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], api: ApiServer) -> None:
-        import socket
-
+    def __init__(self, address: tuple[str, int], api: ApiServer, max_connections: int) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.api = api
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A thread per connection, but never more than max_connections: a client that opens
+        # hundreds of idle connections gets the rest closed, and the daemon keeps its memory.
+        if not self._slots.acquire(blocking=False):
+            log.debug("api: over %d connections, closing one from %s", self._max_connections, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback to stderr; a bug here goes to the log instead.
+        log.error("api: error serving %s", client_address, exc_info=sys.exc_info())
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -130,10 +156,20 @@ class _Handler(BaseHTTPRequestHandler):
     # Methods
 
     def do_GET(self) -> None:
-        self._dispatch(head=False)
+        self._guarded(head=False)
 
     def do_HEAD(self) -> None:
-        self._dispatch(head=True)
+        self._guarded(head=True)
+
+    def _guarded(self, *, head: bool) -> None:
+        try:
+            self._dispatch(head=head)
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("api: %s %s failed", self.command, self.path)
+            self.close_connection = True
+            self._json(500, {"error": "internal error; the daemon's log has the details"}, head=head)
 
     def do_POST(self) -> None:
         length = self.headers.get("Content-Length")
@@ -281,6 +317,7 @@ class ApiServer:
         token: str | None = None,
         optimize: Optimize | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.telemetry = telemetry
         self.host = host
@@ -289,12 +326,13 @@ class ApiServer:
         self.optimize = optimize
         self.clock = clock
         self.scraper = Scraper(telemetry)
+        self.max_connections = max_connections
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> tuple[str, int]:
         """Bind and serve in a daemon thread; returns the bound (host, port). Raises OSError."""
-        server = _Server((self.host, self.port), self)
+        server = _Server((self.host, self.port), self, self.max_connections)
         self._server = server
         self.port = server.server_address[1]
         self._thread = threading.Thread(

@@ -238,7 +238,10 @@ class DaemonSnapshot:
     @cached_property
     def report(self) -> Json:
         """The report's JSON, the same contract as ``--report-only --json``."""
-        return build_report(self.state or ClusterState(()), self.plan or _EMPTY_PLAN)
+        if self.state is None or self.plan is None:
+            # Before the first reconcile, or between a reload and the reconcile that follows it.
+            return build_report(ClusterState(()), _EMPTY_PLAN)
+        return build_report(self.state, self.plan)
 
     @cached_property
     def routes(self) -> Mapping[str, Route]:

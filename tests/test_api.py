@@ -9,8 +9,10 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -411,3 +413,65 @@ def test_the_page_renders_the_cluster_in_a_real_browser(served, emulated_snapsho
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000  # a rendered page, not a blank one
     assert t.snapshot.state is not None
+
+
+def test_connections_are_bounded_and_a_freed_slot_is_reused() -> None:
+    state, cfg = sample_state()
+    t = Telemetry(cfg)
+    t.reconciled(state, plan(state, cfg), reconcile=1, duration_s=0.1, next_in_s=60)
+    api = ApiServer(t, "127.0.0.1", 0, max_connections=2)
+    api.start()
+    idle = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(2)]
+    try:
+        # both slots are held by connections that send nothing: the next one is closed unanswered
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+            request(api.port, "/healthz", timeout_s=10)
+    finally:
+        for s in idle:
+            s.close()
+    # once they are gone the server answers again (their threads notice the close and leave)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert request(api.port, "/healthz").status == 200
+            break
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    api.stop()
+
+
+def test_status_between_a_reload_and_the_next_reconcile(served) -> None:  # type: ignore[no-untyped-def]
+    api, t, _ = served()
+    _, cfg = sample_state()
+    t.reloaded(replace(cfg, nodes=cfg.nodes[:2]))
+    r = request(api.port, "/api/v1/status")
+    assert r.status == 200
+    body = r.json()
+    assert body["nodes"] == []  # the old plan is dropped until the reconcile that follows a reload
+    assert [n["node"] for n in body["daemon"]["nodes"]] == ["busy", "idle"]
+    s = parse_metrics(request(api.port, "/metrics").text)
+    assert sample(s, "gpu_router_node_up", node="busy") == 1
+    assert sample(s, "gpu_router_node_up", node="spare") is None
+
+
+def test_a_bug_answers_500_and_is_logged_not_printed(
+    served,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # type: ignore[no-untyped-def]
+    api, _, _ = served()
+
+    def broken(self: object, now: object = None) -> dict[str, object]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("gpu_router.snapshot.DaemonSnapshot.status_json", broken)
+    r = request(api.port, "/api/v1/status")
+    assert r.status == 500
+    assert r.json() == {"error": "internal error; the daemon's log has the details"}
+    assert "a bug" not in r.text
+    assert request(api.port, "/healthz").status == 200  # the server goes on
+    assert any("GET /api/v1/status failed" in rec.getMessage() for rec in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err

@@ -376,3 +376,27 @@ def test_report_only_textfile(make_node: MakeNode, tmp_path: Path) -> None:
     usage = run_cli(["--config", str(path), "--textfile", str(prom)])
     assert usage.returncode == 2
     assert "--textfile works with --report-only" in usage.stderr
+
+
+def test_a_port_in_use_is_logged_and_the_daemon_runs_on(
+    make_node: MakeNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = make_node("gpu-a", (8192,), models=(LLAMA,))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = write_config(tmp_path / "config.yaml", [a], [LLAMA], tmp_path / "state")
+        config = dataclasses.replace(load_config(path), listen=f"127.0.0.1:{taken.getsockname()[1]}")
+        daemon = Daemon(config, notifier=Notifier(environ={}))
+        t = threading.Thread(target=daemon.run, daemon=True)
+        t.start()
+        try:
+            wait_until(lambda: pinned_on_gpu(a, LLAMA), what="llama pinned without the API")
+            assert daemon.api is None
+            assert any(
+                r.levelname == "ERROR" and "cannot listen on 127.0.0.1" in r.getMessage()
+                for r in caplog.records
+            )
+        finally:
+            daemon.request_stop()
+            t.join(15)

@@ -101,7 +101,7 @@ class Daemon:
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
-        """Route SIGTERM, SIGINT and SIGHUP to the flags above."""
+        """Route SIGTERM, SIGINT, SIGHUP and SIGUSR1 (reconcile now) to the flags above."""
 
         def stop(_signum: int, _frame: FrameType | None) -> None:
             self.request_stop()
@@ -463,16 +463,12 @@ class Daemon:
             t.add_result(r)
 
     def _settle_tickets(self, busy: set[str], error: str | None = None) -> None:
-        """Finish the tickets whose reconcile ran and none of whose nodes is still busy."""
+        """Finish the tickets whose reconcile ran, once nothing is in flight (or with ``error``)."""
         with self._tickets_lock:
-            done = [
-                t
-                for t in self._tickets
-                if error is not None or (t.reconcile is not None and not (t.nodes() & busy))
-            ]
+            done = [t for t in self._tickets if error is not None or (t.reconcile is not None and not busy)]
             self._tickets = [t for t in self._tickets if t not in done]
         for t in done:
-            unfinished = t.reconcile is None or bool(t.nodes() & busy)
+            unfinished = t.reconcile is None or bool(busy)
             t.finish(error if unfinished else None)
 
     def _reloaded(self, old: Config, new: Config) -> None:

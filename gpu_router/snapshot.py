@@ -543,8 +543,10 @@ def static_snapshot(
 class OptimizeTicket:
     """One "reconcile now and tell me what happened" request (``gpu-router optimize`` through the API).
 
-    The main loop fills it in: the reconcile that served it, what that reconcile planned and
-    started, then each result; ``done`` is set once no action it started is still in flight.
+    The main loop fills it in: the reconcile that served it and what that reconcile planned and
+    started, then every action result that comes in while the request waits, including those of
+    actions an earlier reconcile had in flight (a load the request would otherwise have found
+    "already happening"). ``done`` is set once that reconcile ran and nothing is in flight.
     """
 
     def __init__(self, after: int) -> None:
@@ -568,18 +570,10 @@ class OptimizeTicket:
             self.started = tuple(started)
             self.summary = summary
 
-    def add_result(self, r: ActionResult) -> bool:
-        """Keep ``r`` if it belongs to an action this request started; True if it did."""
+    def add_result(self, r: ActionResult) -> None:
+        """An action finished while this request waited."""
         with self._lock:
-            if any(r.action is a for a in self.started):
-                self.results.append(r)
-                return True
-        return False
-
-    def nodes(self) -> set[str]:
-        """Nodes with an action this request started."""
-        with self._lock:
-            return {a.node for a in self.started}
+            self.results.append(r)
 
     def finish(self, error: str | None = None) -> None:
         """No more results will come."""
@@ -588,9 +582,34 @@ class OptimizeTicket:
         self.done.set()
 
     def to_json(self) -> Json:
-        """JSON-ready fields for the API's answer."""
+        """JSON-ready fields for the API's answer: every result, then what is still in flight."""
         with self._lock:
-            finished = {id(r.action): r for r in self.results}
+            finished = {id(r.action) for r in self.results}
+            actions: list[Json] = [
+                {
+                    "action": r.action.kind.value,
+                    "node": r.action.node,
+                    "model": r.action.model,
+                    "reason": r.action.reason,
+                    "result": "ok" if r.ok else "failed",
+                    "detail": r.detail,
+                    "duration_s": round(r.duration_s, 3),
+                }
+                for r in self.results
+            ]
+            actions += [
+                {
+                    "action": a.kind.value,
+                    "node": a.node,
+                    "model": a.model,
+                    "reason": a.reason,
+                    "result": "in_flight",
+                    "detail": "",
+                    "duration_s": None,
+                }
+                for a in self.started
+                if id(a) not in finished
+            ]
             return {
                 "done": self.done.is_set(),
                 "reconcile": self.reconcile,
@@ -600,18 +619,5 @@ class OptimizeTicket:
                     {"action": a.kind.value, "node": a.node, "model": a.model, "reason": a.reason}
                     for a in self.planned
                 ],
-                "actions": [
-                    {
-                        "action": a.kind.value,
-                        "node": a.node,
-                        "model": a.model,
-                        "reason": a.reason,
-                        "result": ("ok" if finished[id(a)].ok else "failed")
-                        if id(a) in finished
-                        else "in_flight",
-                        "detail": finished[id(a)].detail if id(a) in finished else "",
-                        "duration_s": round(finished[id(a)].duration_s, 3) if id(a) in finished else None,
-                    }
-                    for a in self.started
-                ],
+                "actions": actions,
             }

@@ -185,6 +185,9 @@ def test_optimize_through_the_api_waits_for_the_result(
     wait_until(lambda: pinned_on_gpu(a, LLAMA) and pinned_on_gpu(a, EMBED), what="both pinned")
     wait_until(lambda: status(config, TOKEN)["daemon"]["in_flight"] == [], what="nothing in flight")
 
+    # The last load's result asks for a follow-up reconcile; one optimize lets it run first, so
+    # the unload below is seen by the optimize's own reconcile and not by that one.
+    assert request(port_of(config), "/api/v1/optimize?wait=20", method="POST", token=TOKEN).status == 200
     a.unload(LLAMA)  # evicted behind the daemon's back; the watch is off (300 s)
     assert request(port_of(config), "/api/v1/optimize", method="POST").status == 401
     r = request(port_of(config), "/api/v1/optimize?wait=20", method="POST", token=TOKEN)

@@ -1,6 +1,7 @@
 """Command line: the daemon, the one-shot report, and the inspection sub-commands.
 
-Exit codes: 0 ok, 1 other failure, 2 usage, 78 bad configuration (EX_CONFIG).
+Exit codes: 0 ok, 1 other failure, 2 usage, 78 bad configuration (EX_CONFIG). ``status`` says 0
+when every priority model is on GPU, 1 when some are not, and 3 when no daemon answers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, TextIO
 
 from gpu_router import __version__
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpu_router.cli")
 
 EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
+EX_NO_DAEMON = 3  # ``status``: no daemon answered (like systemctl's "unit is not active")
 
 
 def _log_level(text: str) -> str:
@@ -75,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--once", action="store_true", help="run one reconcile and exit")
     p.add_argument("--dry-run", action="store_true", help="log the actions the daemon would take; send none")
+    p.add_argument(
+        "--textfile",
+        metavar="PATH",
+        help="with --report-only: also write the metrics to PATH (node_exporter textfile collector)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in (
         ("route", "where MODEL should run and why"),
@@ -84,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("model", metavar="MODEL")
         _common(sp, suppress=True)
     sp = sub.add_parser("models", help="every model in the cluster: where, size on disk, VRAM needed")
+    _common(sp, suppress=True)
+    sp = sub.add_parser(
+        "status",
+        help="ask the running daemon what it sees (exit 0 all priority models on GPU, 1 not, 3 no daemon)",
+    )
+    _common(sp, suppress=True)
+    sp = sub.add_parser(
+        "optimize", help="one reconcile now: by the running daemon, else here in the foreground"
+    )
+    sp.add_argument(
+        "--dry-run", action="store_true", default=argparse.SUPPRESS, help="plan only; send nothing"
+    )
     _common(sp, suppress=True)
     sp = sub.add_parser("demo", help="run a simulated 3-node cluster on 127.0.0.1 and report on it")
     sp.add_argument("--serve", action="store_true", help="keep the cluster running and print a config for it")
@@ -126,7 +146,30 @@ def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``--report-only``: observe, plan, print; never change anything."""
     from gpu_router.report import report_tables, summary_line
 
+    if args.textfile:
+        return cmd_report_textfile(config, args, out)
     data = _report(config)
+    _emit(report_tables(data), data, args, out, footer=summary_line(data))
+    return EX_OK
+
+
+def cmd_report_textfile(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``--report-only --textfile PATH``: the report, plus its gauges written once for node_exporter."""
+    from gpu_router.metrics import write_textfile
+    from gpu_router.observe import observe_once
+    from gpu_router.planner import plan
+    from gpu_router.report import report_tables, summary_line
+    from gpu_router.snapshot import static_snapshot
+    from gpu_router.store import info_cache_for, load_learned
+
+    state = observe_once(config, info_cache=info_cache_for(config))
+    snap = static_snapshot(config, state, plan(state, config, learned=load_learned(config)))
+    try:
+        write_textfile(args.textfile, snap)
+    except OSError as exc:
+        print(f"gpu-router: cannot write {args.textfile}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_FAIL
+    data = snap.report
     _emit(report_tables(data), data, args, out, footer=summary_line(data))
     return EX_OK
 
@@ -237,6 +280,189 @@ def cmd_models(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     return EX_OK
 
 
+def daemon_tables(d: Json) -> list[Table]:
+    """The daemon's own fields from ``/api/v1/status``: timings, node states, actions, backoffs."""
+    from gpu_router.report import Table
+
+    def when(iso: str | None) -> str:
+        if not iso:
+            return "-"
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+    facts = [
+        ("pid", str(d["pid"])),
+        ("started", f"{when(d['started_at'])} (up {d['uptime_s']:.0f}s)"),
+        ("reconciles", str(d["reconciles"])),
+        (
+            "last reconcile",
+            f"{when(d['last_reconcile_at'])}, took {d['last_reconcile_duration_s'] or 0:.2f}s",
+        ),
+        ("next reconcile", when(d["next_reconcile_at"])),
+    ]
+    if d.get("last_error"):
+        facts.append(("last error", d["last_error"]))
+    if d.get("dry_run") or not d.get("auto_optimize", True):
+        facts.append(("mode", "monitor only: actions are logged, not taken"))
+    tables = [Table("Daemon", ("FIELD", "VALUE"), tuple(facts))]
+    states = tuple(
+        (n["node"], n["state"], when(n["since"]), "-" if n["for_s"] is None else f"{n['for_s']:.0f}s")
+        for n in d["nodes"]
+    )
+    tables.append(Table("Node states", ("NODE", "STATE", "SINCE", "FOR"), states))
+    actions = [*d["in_flight"], *d["actions"]]
+    if actions:
+        rows = tuple(
+            (
+                when(a["started_at"]),
+                a["node"],
+                a["action"],
+                a["model"],
+                a["result"],
+                "-" if a["duration_s"] is None else f"{a['duration_s']:.1f}s",
+                a["detail"] or a["reason"],
+            )
+            for a in actions
+        )
+        tables.append(
+            Table("Last actions", ("STARTED", "NODE", "ACTION", "MODEL", "RESULT", "TOOK", "DETAIL"), rows)
+        )
+    if d["backoffs"]:
+        waits = tuple(
+            (b["model"], b["node"], str(b["failures"]), f"{b['retry_in_s']:.0f}s") for b in d["backoffs"]
+        )
+        tables.append(Table("Backing off", ("MODEL", "NODE", "FAILURES", "RETRY IN"), waits))
+    return tables
+
+
+def cmd_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``status``: the running daemon's view. 0 all priority models on GPU, 1 some not, 3 no daemon."""
+    from gpu_router.apiclient import DaemonUnreachable, call_daemon
+    from gpu_router.report import action_table, model_table, node_tables, render, summary_line, write_json
+
+    try:
+        code, data = call_daemon(config, "GET", "/api/v1/status", timeout_s=config.request_timeout_s)
+    except DaemonUnreachable as exc:
+        print(f"gpu-router: {exc}", file=sys.stderr)
+        print(
+            "gpu-router: is the daemon running? `gpu-router --report-only` polls the nodes itself",
+            file=sys.stderr,
+        )
+        return EX_NO_DAEMON
+    if code != 200 or "daemon" not in data:
+        print(f"gpu-router: the daemon answered HTTP {code}: {data.get('error', data)}", file=sys.stderr)
+        return EX_NO_DAEMON
+    if args.json:
+        write_json(data, out)
+    else:
+        tables = [*daemon_tables(data["daemon"]), *node_tables(data), model_table(data)]
+        planned = action_table(data, "Actions planned at the last reconcile")
+        if planned is not None:
+            tables.append(planned)
+        footer = summary_line(data)
+        if not data["daemon"]["reconciles"]:
+            footer = "no reconcile has finished yet"
+        render(tables, out, rich=_is_tty(out), footer=footer)
+    placed, wanted = data["daemon"]["priority_models_on_gpu"], data["daemon"]["priority_models"]
+    return EX_OK if placed >= wanted else EX_FAIL
+
+
+def cmd_optimize(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``optimize``: one reconcile now, by the running daemon through its API, else here in the foreground."""
+    from gpu_router.apiclient import DaemonUnreachable, call_daemon
+
+    dry_run = bool(getattr(args, "dry_run", False))
+    if not dry_run:
+        wait_s = config.load_timeout_s + 30
+        try:
+            code, body = call_daemon(
+                config, "POST", f"/api/v1/optimize?wait={wait_s:g}", timeout_s=wait_s + 10
+            )
+        except DaemonUnreachable as exc:
+            print(f"gpu-router: {exc}; running one reconcile here", file=sys.stderr)
+        else:
+            if code not in (200, 202):
+                print(
+                    f"gpu-router: the daemon answered HTTP {code}: {body.get('error', body)}", file=sys.stderr
+                )
+                return EX_FAIL
+            return _print_optimized(body, args, out, by="the daemon")
+    return _optimize_here(config, args, out, dry_run=dry_run)
+
+
+def _optimize_here(config: Config, args: argparse.Namespace, out: TextIO, *, dry_run: bool) -> int:
+    from gpu_router.daemon import Daemon
+    from gpu_router.report import summary_line
+
+    daemon = Daemon(config, dry_run=dry_run)
+    rc = daemon.run(once=True)
+    snap = daemon.telemetry.snapshot
+    actions = [
+        {
+            "action": a.action,
+            "node": a.node,
+            "model": a.model,
+            "reason": a.reason,
+            "result": a.result,
+            "detail": a.detail,
+            "duration_s": a.duration_s,
+        }
+        for a in (*snap.recent_actions, *snap.in_flight)
+    ]
+    plan_actions = snap.plan.actions if snap.plan else ()
+    body = {
+        "done": rc == 0,
+        "reconcile": snap.reconciles,
+        "error": snap.last_error,
+        "summary": summary_line(snap.report) if snap.plan else "",
+        "planned": [
+            {"action": a.kind.value, "node": a.node, "model": a.model, "reason": a.reason}
+            for a in plan_actions
+        ],
+        "actions": actions,
+    }
+    return _print_optimized(body, args, out, by="this process" + (" (dry run)" if dry_run else ""))
+
+
+def _print_optimized(body: Json, args: argparse.Namespace, out: TextIO, *, by: str) -> int:
+    from gpu_router.report import Table, render, write_json
+    failed = [a for a in body["actions"] if a["result"] != "ok"]
+    if args.json:
+        write_json(body, out)
+    else:
+        tables = []
+        if body["actions"]:
+            rows = tuple(
+                (
+                    a["node"],
+                    a["action"],
+                    a["model"],
+                    a["result"],
+                    "-" if a["duration_s"] is None else f"{a['duration_s']:.1f}s",
+                    a["detail"] or a["reason"],
+                )
+                for a in body["actions"]
+            )
+            tables.append(
+                Table(f"Actions taken by {by}", ("NODE", "ACTION", "MODEL", "RESULT", "TOOK", "DETAIL"), rows)
+            )
+        elif body["planned"]:
+            planned = tuple((a["node"], a["action"], a["model"], a["reason"]) for a in body["planned"])
+            tables.append(Table("Planned, not taken", ("NODE", "ACTION", "MODEL", "REASON"), planned))
+        footer = f"reconcile #{body['reconcile']} by {by}: "
+        if body.get("error"):
+            footer += f"failed: {body['error']}"
+        elif not body["actions"] and not body["planned"]:
+            footer += "nothing to do"
+        else:
+            footer += f"{len(body['actions']) - len(failed)}/{len(body['actions'])} actions ok"
+        if body.get("summary"):
+            footer += f"\n{body['summary']}"
+        if not body["done"]:
+            footer += "\nstill running when the wait ended; `gpu-router status` shows how it ends"
+        render(tables, out, rich=_is_tty(out), footer=footer)
+    return EX_OK if body["done"] and not failed and not body.get("error") else EX_FAIL
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """``demo``: start the emulated cluster and show the report against it."""
     from gpu_router.demo import run_demo
@@ -265,7 +491,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             for where in config.unused_env():
                 print(f"{config.path}: {where} is not used for sizing (accepted, ignored)", file=out)
             return EX_OK
-        commands = {"route": cmd_route, "check": cmd_check, "models": cmd_models}
+        if args.textfile and not args.report_only:
+            print("gpu-router: --textfile works with --report-only", file=sys.stderr)
+            return EX_USAGE
+        commands = {
+            "route": cmd_route,
+            "check": cmd_check,
+            "models": cmd_models,
+            "status": cmd_status,
+            "optimize": cmd_optimize,
+        }
         if args.command in commands:
             return commands[args.command](config, args, out)
         if args.report_only:

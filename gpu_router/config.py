@@ -8,7 +8,6 @@ the file, the line and the key path (``nodes[1].url``). Nothing here logs or pri
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
 import pathlib
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.constructor import SafeConstructor
 
+from gpu_router.listen import is_loopback, parse_listen
 from gpu_router.memory.env import SIZING_KEYS, EnvValueError, parse_ollama_env
 
 GpuKind = str
@@ -546,7 +546,7 @@ class _Walker:
                 continue
             values[setting.attr] = setting.read(self, node, name)
         listen = values.get("listen")
-        if listen is not None and not values.get("api_token") and not is_loopback_listen(listen):
+        if listen is not None and not values.get("api_token") and not is_loopback(parse_listen(listen)[0]):
             self.fail(
                 pairs["listen"][1],
                 "listen",
@@ -938,38 +938,6 @@ _SETTINGS: dict[str, _Setting] = {
     "listen": _Setting("listen", lambda w, n, k: w.listen(n, k), nullable=True),
     "api_token": _Setting("api_token", lambda w, n, k: w.secret(n, k), nullable=True),
 }
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` for IPv6) of the daemon's listener; ValueError says what is wrong."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"{_short(text)} is not [IPv6]:port")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"{_short(text)} is not host:port (write IPv6 as [::1]:9464)")
-    if not host:
-        raise ValueError(
-            f"{_short(text)} has no host: write 127.0.0.1:PORT, or 0.0.0.0:PORT for every address"
-        )
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{_short(text)} has no valid port (1-65535)")
-    return host.lower(), int(port_text)
-
-
-def is_loopback_listen(listen: str) -> bool:
-    """True when a ``listen`` address only accepts connections from this machine."""
-    host, _ = parse_listen(listen)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 # --------------------------------------------------------------------------- public API

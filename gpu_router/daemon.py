@@ -16,12 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
+from gpu_router.api import ApiServer
 from gpu_router.config import Config, ConfigError, load_config
 from gpu_router.executor import ActionResult, Backoff, Executor
+from gpu_router.listen import parse_listen
 from gpu_router.observe import NodeLinks, Observer
 from gpu_router.ollama import OllamaError
-from gpu_router.planner import Action, ActionKind, Plan, plan
+from gpu_router.planner import Action, ActionKind, Plan, plan, priority_on_gpu
 from gpu_router.sizing import Sizer
+from gpu_router.snapshot import OptimizeTicket, Telemetry
 from gpu_router.state import ClusterState, LoadedModel, NodeState, Processor
 from gpu_router.store import InfoCache, SizeStore, info_cache_for, store_for
 from gpu_router.systemd import Notifier, set_level
@@ -82,6 +85,12 @@ class Daemon:
         self._last: tuple[ClusterState, Sizer] | None = None  # the last observation and its sizer
         self._repins: dict[str, dict[int, int]] = {}  # model -> context clients reloaded it at -> count
         self._repin_warned: set[str] = set()
+        # What the API serves (see snapshot.py); the hooks that feed it are at the end of the class.
+        self.telemetry = Telemetry(config, dry_run=dry_run, clock=clock)
+        self.api: ApiServer | None = None
+        self._tickets: list[OptimizeTicket] = []
+        self._tickets_lock = threading.Lock()
+        self._started_this_cycle: list[Action] = []
 
     # Signals: set flags, wake the loop, nothing else.
 
@@ -95,8 +104,13 @@ class Daemon:
         self._reload.set()
         self._wake.set()
 
+    def request_reconcile(self, *_: object) -> None:
+        """SIGUSR1: reconcile now."""
+        self._reconcile_now.set()
+        self._wake.set()
+
     def install_signal_handlers(self) -> None:
-        """Route SIGTERM, SIGINT and SIGHUP to the flags above."""
+        """Route SIGTERM, SIGINT, SIGHUP and SIGUSR1 (reconcile now) to the flags above."""
 
         def stop(_signum: int, _frame: FrameType | None) -> None:
             self.request_stop()
@@ -104,9 +118,13 @@ class Daemon:
         def reload(_signum: int, _frame: FrameType | None) -> None:
             self.request_reload()
 
+        def reconcile_now(_signum: int, _frame: FrameType | None) -> None:
+            self.request_reconcile()
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+        signal.signal(signal.SIGUSR1, reconcile_now)
 
     def _new_observer(self) -> Observer:
         return self._observer_factory(
@@ -141,6 +159,9 @@ class Daemon:
             "" if c.auto_optimize else ", monitor only (auto_optimize: false)",
             ", dry run" if self.dry_run else "",
         )
+        self.telemetry.loop_started()
+        if not once:
+            self._start_api()
         next_reconcile = self._clock()
         next_watch = next_reconcile + self._watch_interval()
         rc = 0
@@ -191,6 +212,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping")
+        self._stop_api()
         busy = self.busy_nodes()
         if busy:
             log.info("waiting up to %gs for actions in flight on %s", STOP_GRACE_S, ", ".join(sorted(busy)))
@@ -205,6 +227,7 @@ class Daemon:
                 "leaving actions in flight on %s; the next start will see to them", ", ".join(sorted(left))
             )
         self.collect_results()
+        self._settle_tickets(self.busy_nodes(), error="the daemon stopped before this finished")
         self.store.save()
         for _, links in self._retiring:
             links.close()
@@ -221,6 +244,7 @@ class Daemon:
             log.exception("reconcile #%d failed; trying again next cycle", self.reconciles)
             self._status = f"reconcile #{self.reconciles} failed: {exc.__class__.__name__}: {exc}"
             self.notifier.status(self._status)
+            self._reconcile_failed(self._status)
             return False
         return True
 
@@ -228,6 +252,7 @@ class Daemon:
         """One observe -> plan -> act pass."""
         self.reconciles += 1
         start = self._clock()
+        self._started_this_cycle = []
         state = self.observer.observe(cancel=self._stop, tick=self._tick)
         sizer = Sizer(state, self.config, self.store.sizes)
         if self._learn(state, sizer):
@@ -238,6 +263,7 @@ class Daemon:
         acted = 0 if self._stop.is_set() else self._act(p, observed_from=start)
         self._set_status(state, p, acted)
         log.debug("reconcile #%d took %.2fs", self.reconciles, self._clock() - start)
+        self._publish_reconcile(state, p, self._clock() - start)
         return p
 
     def _learn(self, state: ClusterState, sizer: Sizer) -> bool:
@@ -290,15 +316,21 @@ class Daemon:
         for node, actions in by_node.items():
             if self.executor.submit(node, actions):
                 started += len(actions)
+                self._actions_started(actions)
                 for a in actions:
                     log.info("%s %s on %s: %s", a.kind.value, a.model, node, a.reason)
         return started
 
     def collect_results(self) -> None:
         """Log and learn from finished actions; close what a reload left once it is idle."""
+        # Busy first, results second: a sequence appends its results before it leaves the busy
+        # set, so a node not busy here has all its results in the collect below.
+        busy = self.busy_nodes()
         for e in self._executors():
             for r in e.collect():
                 self._log_result(r)
+                self._action_finished(r)
+        self._settle_tickets(busy)
         still = []
         for e, links in self._retiring:
             if e.busy_nodes():
@@ -378,25 +410,28 @@ class Daemon:
         for node, result in seen.items():
             was_up = self._expect.node_up.get(node)
             if isinstance(result, OllamaError):
+                self.telemetry.poll_error(node, result.status.value, result.message)
                 if was_up:
                     log.warning("watch: node %s went %s: %s", node, result.status.value, result.message)
+                    self.telemetry.drift(node, "node_down")
                     return True
                 continue
             if was_up is False:
                 log.info("watch: node %s is back", node)
+                self.telemetry.drift(node, "node_back")
                 return True
             on_gpu = {m.name for m in result if m.processor is Processor.GPU}
             lost = self._expect.pinned.get(node, set()) - on_gpu
             if lost:
                 log.warning("watch: %s no longer fully on GPU on %s", ", ".join(sorted(lost)), node)
+                self.telemetry.drift(node, "model_lost")
                 return True
         return False
 
     def _set_status(self, state: ClusterState, p: Plan, acted: int) -> None:
-        priority = [m for m in p.models if m.priority]
-        placed = sum(1 for m in priority if m.replicas_on_gpu >= max(1, m.replicas_wanted))
+        placed, priority = priority_on_gpu(p)
         down = sum(1 for n in state.nodes if not n.up)
-        parts = [f"reconcile #{self.reconciles}: {placed}/{len(priority)} priority models on GPU"]
+        parts = [f"reconcile #{self.reconciles}: {placed}/{priority} priority models on GPU"]
         if down:
             parts.append(f"{down} node{'s' if down > 1 else ''} down")
         if acted:
@@ -423,11 +458,13 @@ class Daemon:
             self._retiring.append((self.executor, self.links))
             self.observer.close()
             self.collect_results()
+            old = self.config
             self.config = new
             self.links = self._links_factory(new)
             self.observer = self._new_observer()
             self.executor = self._new_executor()
             set_level(new.log_level)
+            self._reloaded(old, new)
             log.info(
                 "configuration reloaded from %s: %d nodes, %d priority models",
                 path,
@@ -435,6 +472,94 @@ class Daemon:
                 len(new.priority_models),
             )
         self.notifier.ready(self._status)
+
+    # Telemetry and API hooks: what the listener serves. Called from the main loop only.
+
+    def _start_api(self) -> None:
+        c = self.config
+        if c.listen is None:
+            return
+        try:
+            host, port = parse_listen(c.listen)
+            api = ApiServer(
+                self.telemetry,
+                host,
+                port,
+                token=c.api_token,
+                optimize=self.request_optimize,
+                clock=self._clock,
+            )
+            api.start()
+        except (OSError, ValueError) as exc:
+            # The pins matter more than the window onto them: keep running without the listener.
+            log.error("cannot listen on %s, running without the API and /metrics: %s", c.listen, exc)
+            return
+        self.api = api
+        log.info("API and /metrics on %s%s", api.url, " (token required)" if c.api_token else "")
+
+    def _stop_api(self) -> None:
+        api, self.api = self.api, None
+        if api is not None:
+            api.stop()
+
+    def request_optimize(self) -> OptimizeTicket:
+        """Ask for a reconcile now (from an API thread); the ticket is filled in as it runs."""
+        ticket = OptimizeTicket(after=self.reconciles)
+        with self._tickets_lock:
+            self._tickets.append(ticket)
+        self.request_reconcile()
+        return ticket
+
+    def _publish_reconcile(self, state: ClusterState, p: Plan, duration_s: float) -> None:
+        self.telemetry.reconciled(
+            state,
+            p,
+            reconcile=self.reconciles,
+            duration_s=duration_s,
+            next_in_s=self.config.check_interval_s,
+            backoffs=self.backoff.entries(),
+        )
+        if self.api is not None:
+            self.api.prime()
+        with self._tickets_lock:
+            tickets = [t for t in self._tickets if t.reconcile is None and t.after < self.reconciles]
+        for t in tickets:
+            t.attach(self.reconciles, p.actions, self._started_this_cycle, self._status)
+        self._settle_tickets(self.busy_nodes())
+
+    def _reconcile_failed(self, error: str) -> None:
+        self.telemetry.reconcile_failed(self.reconciles, error)
+        with self._tickets_lock:
+            tickets = [t for t in self._tickets if t.reconcile is None and t.after < self.reconciles]
+            self._tickets = [t for t in self._tickets if t not in tickets]
+        for t in tickets:
+            t.finish(error)
+
+    def _actions_started(self, actions: list[Action]) -> None:
+        self._started_this_cycle.extend(actions)
+        self.telemetry.actions_started(self.reconciles, actions)
+
+    def _action_finished(self, r: ActionResult) -> None:
+        self.telemetry.action_finished(r)
+        with self._tickets_lock:
+            tickets = list(self._tickets)
+        for t in tickets:
+            t.add_result(r)
+
+    def _settle_tickets(self, busy: set[str], error: str | None = None) -> None:
+        """Finish the tickets whose reconcile ran, once nothing is in flight (or with ``error``)."""
+        with self._tickets_lock:
+            done = [t for t in self._tickets if error is not None or (t.reconcile is not None and not busy)]
+            self._tickets = [t for t in self._tickets if t not in done]
+        for t in done:
+            unfinished = t.reconcile is None or bool(busy)
+            t.finish(error if unfinished else None)
+
+    def _reloaded(self, old: Config, new: Config) -> None:
+        self.telemetry.reloaded(new)
+        if (old.listen, old.api_token) != (new.listen, new.api_token):
+            self._stop_api()
+            self._start_api()
 
 
 def run_daemon(config: Config, *, once: bool = False, dry_run: bool = False) -> int:

@@ -64,6 +64,15 @@ class Backoff:
         """Forget the failures of a pair that worked."""
         self._failures.pop((model, node), None)
 
+    def entries(self) -> list[tuple[str, str, int, float]]:
+        """(model, node, failures, seconds left) of every pair still waiting, for the status API."""
+        now = self._clock()
+        return sorted(
+            (model, node, count, until - now)
+            for (model, node), (count, until) in self._failures.items()
+            if until > now
+        )
+
     def blocked(self) -> frozenset[tuple[str, str]]:
         """Pairs that are still waiting."""
         now = self._clock()

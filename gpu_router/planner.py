@@ -208,6 +208,11 @@ class ModelPlan:
         pid = self.node_profiles.get(node)
         return self.profile_needs[pid] if pid is not None and pid < len(self.profile_needs) else self.need
 
+    @property
+    def satisfied(self) -> bool:
+        """A priority model is "on GPU" when its replicas fully on GPU reach max(1, wanted)."""
+        return self.priority and self.replicas_on_gpu >= max(1, self.replicas_wanted)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -223,6 +228,12 @@ class Plan:
             if m.model == name:
                 return m
         return None
+
+
+def priority_on_gpu(plan: Plan) -> tuple[int, int]:
+    """(priority models on GPU, priority models): the one count the report, STATUS and metrics show."""
+    priority = [m for m in plan.models if m.priority]
+    return sum(1 for m in priority if m.satisfied), len(priority)
 
 
 def _gib(n: int | None) -> str:

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from gpu_router import __version__
 from gpu_router.gpus.kinds import source_label
-from gpu_router.planner import Fit, ModelPlan, Plan, Verdict, is_pinned
+from gpu_router.planner import Fit, ModelPlan, Plan, Verdict, is_pinned, priority_on_gpu
 from gpu_router.state import GIB, MIB, ClusterState
 
 Json = dict[str, Any]
@@ -127,8 +127,7 @@ def build_report(state: ClusterState, plan: Plan) -> Json:
             }
         )
     models = [_model_json(m, state) for m in plan.models]
-    priority = [m for m in plan.models if m.priority]
-    on_gpu = sum(1 for m in priority if m.replicas_on_gpu >= max(1, m.replicas_wanted))
+    on_gpu, priority = priority_on_gpu(plan)
     return {
         "version": __version__,
         "observed_at": _iso(state.observed_at),
@@ -136,7 +135,7 @@ def build_report(state: ClusterState, plan: Plan) -> Json:
             "nodes": len(state.nodes),
             "nodes_up": sum(1 for n in state.nodes if n.up),
             "nodes_down": [n.name for n in state.nodes if not n.up],
-            "priority_models": len(priority),
+            "priority_models": priority,
             "priority_models_on_gpu": on_gpu,
         },
         "nodes": nodes,

@@ -862,15 +862,18 @@ BAD = [
     ),
     (
         "nodes: [http://a]\nlisten: localhost\n",
-        "config.yaml:2: listen: 'localhost' is not host:port (write IPv6 as [::1]:9464)",
+        "config.yaml:2: listen: 'localhost': missing port; write host:port, e.g. 127.0.0.1:9464",
     ),
     (
         "nodes: [http://a]\nlisten: ':9464'\n",
-        "config.yaml:2: listen: ':9464' has no host: write 127.0.0.1:PORT, or 0.0.0.0:PORT for every address",
+        (
+            "config.yaml:2: listen: ':9464': missing host; write 127.0.0.1:PORT, or 0.0.0.0:PORT for every "
+            "interface"
+        ),
     ),
     (
         "nodes: [http://a]\nlisten: 127.0.0.1:70000\n",
-        "config.yaml:2: listen: '127.0.0.1:70000' has no valid port (1-65535)",
+        "config.yaml:2: listen: '127.0.0.1:70000': port 70000 is not in 1-65535",
     ),
     (
         "nodes: [http://a]\nlisten: 0.0.0.0:9464\n",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, TextIO
 
@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("model", metavar="MODEL")
         _common(sp, suppress=True)
+    sp = sub.add_parser(
+        "explain",
+        help="how much VRAM MODEL needs on each node, and why",
+        description="Per node: the context Ollama will use and why, the parts of the need (weights, KV "
+        "cache, graph, projector, reserve), Ollama's own pre-load check, the total against usable and "
+        "free VRAM, the engine era and version, and where the figure came from.",
+    )
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--node", metavar="NAME", default=argparse.SUPPRESS, help="only this node")
+    _common(sp, suppress=True)
     sp = sub.add_parser("models", help="every model in the cluster: where, size on disk, VRAM needed")
     _common(sp, suppress=True)
     sp = sub.add_parser(
@@ -253,6 +263,89 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         tuple(rows),
     )
     _emit([table], result, args, out)
+    return EX_OK
+
+
+def cmd_explain(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``explain MODEL [--node NAME]``: the need on each node, part by part, and why."""
+    from gpu_router.explain import NodeExplanation, explain
+    from gpu_router.observe import observe_once
+    from gpu_router.planner import plan
+    from gpu_router.report import Table, gib
+    from gpu_router.store import info_cache_for, load_learned
+
+    name = normalize_model_name(args.model)
+    node = getattr(args, "node", None)
+    if node is not None and node not in {n.name for n in config.nodes}:
+        print(f"gpu-router: no node is named {node!r}", file=sys.stderr)
+        return EX_USAGE
+    state = observe_once(config, info_cache=info_cache_for(config))
+    rows = explain(state, plan(state, config, learned=load_learned(config)), name, node)
+    if not rows:
+        print(f"gpu-router: model {name!r} is not installed on any node that is up", file=sys.stderr)
+        return EX_FAIL
+    if args.json:
+        from gpu_router.report import write_json
+
+        write_json({"model": name, "nodes": [r.as_json() for r in rows]}, out)
+        return EX_OK
+
+    def size(n: int | None) -> str:
+        return "-" if n is None else gib(n)
+
+    def slots(r: NodeExplanation) -> str:
+        if r.context_length is None:
+            return "-"
+        par = r.num_parallel or 1
+        text = f"{r.context_length} x {par} slots" if par > 1 else str(r.context_length)
+        if r.ps_context_length and r.ps_context_length != r.context_length:
+            text += f" (/api/ps will say {r.ps_context_length})"
+        return text
+
+    def origin(r: NodeExplanation) -> str:
+        if r.source == "estimated":
+            return "the estimate above, from /api/show metadata and the file size"
+        return r.source_detail or "-"
+
+    def kv(r: NodeExplanation) -> str:
+        if r.kv_cache_type is None:
+            return "-"
+        return f"{r.kv_cache_type}, flash attention {'on' if r.flash_attention else 'off'}"
+
+    def check(r: NodeExplanation) -> str:
+        if r.preload_bytes is None:
+            return "none in this era"
+        if r.preload_passes is None:
+            return f"{gib(r.preload_bytes)} against 80% of free VRAM (free unknown)"
+        verdict = "passes" if r.preload_passes else "fails: Ollama would evict other models first"
+        return f"{gib(r.preload_bytes)} against 80% of free VRAM: {verdict}"
+
+    fields: list[tuple[str, Callable[[NodeExplanation], str]]] = [
+        ("status", lambda r: r.status),
+        ("Ollama", lambda r: f"{r.version or '?'} ({r.era or '?'}, {r.engine or '?'} engine)"),
+        ("context", slots),
+        ("why that context", lambda r: r.context_reason or "-"),
+        ("KV cache", kv),
+        ("weights", lambda r: size(r.weights_bytes)),
+        ("KV", lambda r: size(r.kv_bytes)),
+        ("graph", lambda r: size(r.graph_bytes)),
+        ("projector", lambda r: size(r.projector_bytes)),
+        ("reserve", lambda r: size(r.reserve_bytes)),
+        ("buffer", lambda r: size(r.buffer_bytes)),
+        ("NEED", lambda r: f"{size(r.need_bytes)} ({r.source})"),
+        ("from", origin),
+        ("/api/ps will show", lambda r: size(r.ps_size_bytes)),
+        ("pre-load check", check),
+        ("usable / free", lambda r: f"{size(r.usable_bytes)} / {size(r.free_bytes)}"),
+        ("verdict", lambda r: f"{r.verdict}: {r.reason}" if r.verdict else "-"),
+    ]
+    table = Table(
+        f"{name}: VRAM needed per node",
+        ("", *(r.node for r in rows)),
+        tuple((label, *(fn(r) for r in rows)) for label, fn in fields),
+    )
+    notes = sorted({f"{r.node}: {note}" for r in rows for note in r.notes})
+    _emit([table], {}, args, out, footer="\n".join(notes))
     return EX_OK
 
 
@@ -425,6 +518,7 @@ def _optimize_here(config: Config, args: argparse.Namespace, out: TextIO, *, dry
 
 def _print_optimized(body: Json, args: argparse.Namespace, out: TextIO, *, by: str) -> int:
     from gpu_router.report import Table, render, write_json
+
     failed = [a for a in body["actions"] if a["result"] != "ok"]
     if args.json:
         write_json(body, out)
@@ -498,6 +592,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             "route": cmd_route,
             "check": cmd_check,
             "models": cmd_models,
+            "explain": cmd_explain,
             "status": cmd_status,
             "optimize": cmd_optimize,
         }

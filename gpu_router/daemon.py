@@ -258,12 +258,18 @@ class Daemon:
         if self._learn(state, sizer):
             self.store.save()
         self._last = (state, sizer)
-        p = plan(state, self.config, backoff=self.backoff.blocked(), sizer=sizer)
+        blocked = self.backoff.blocked()
+        # Only the priority models: they are all the daemon acts on (the report's full plan of
+        # this observation is made by the snapshot if someone asks for it).
+        p = plan(state, self.config, backoff=blocked, sizer=sizer, full=False)
         self._remember(state, p)
         acted = 0 if self._stop.is_set() else self._act(p, observed_from=start)
         self._set_status(state, p, acted)
         log.debug("reconcile #%d took %.2fs", self.reconciles, self._clock() - start)
-        self._publish_reconcile(state, p, self._clock() - start)
+        config = self.config
+        self._publish_reconcile(
+            state, p, self._clock() - start, lambda: plan(state, config, backoff=blocked, sizer=sizer)
+        )
         return p
 
     def _learn(self, state: ClusterState, sizer: Sizer) -> bool:
@@ -510,7 +516,9 @@ class Daemon:
         self.request_reconcile()
         return ticket
 
-    def _publish_reconcile(self, state: ClusterState, p: Plan, duration_s: float) -> None:
+    def _publish_reconcile(
+        self, state: ClusterState, p: Plan, duration_s: float, full_plan: Callable[[], Plan]
+    ) -> None:
         self.telemetry.reconciled(
             state,
             p,
@@ -518,6 +526,7 @@ class Daemon:
             duration_s=duration_s,
             next_in_s=self.config.check_interval_s,
             backoffs=self.backoff.entries(),
+            full_plan=full_plan,
         )
         if self.api is not None:
             self.api.prime()

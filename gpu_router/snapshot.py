@@ -208,7 +208,7 @@ def build_routes(state: ClusterState, plan: Plan) -> dict[str, Route]:
 
 
 _EMPTY_PLAN = Plan((), (), ())
-_DERIVED = ("report", "routes")  # the cached properties that depend on state and plan only
+_DERIVED = ("every_model", "report", "routes")  # the cached properties that depend on state and plan only
 
 
 @dataclass(frozen=True)
@@ -232,23 +232,35 @@ class DaemonSnapshot:
     node_since: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
     dry_run: bool = False
     pid: int = field(default_factory=os.getpid)
+    # The daemon plans only what it acts on (the priority models); the report and the routes want
+    # every model, so the full plan of the same observation is made on first use, if ever.
+    full_plan: Callable[[], Plan] | None = field(default=None, compare=False, repr=False)
+
+    @cached_property
+    def every_model(self) -> Plan | None:
+        """The plan with every model the cluster knows, for the report and the routes."""
+        if self.plan is None:
+            return None
+        return self.full_plan() if self.full_plan is not None else self.plan
 
     # Built on first use by whichever reader comes first: a snapshot is immutable, so computing
     # twice in a race gives the same answer and costs only the duplicate work.
     @cached_property
     def report(self) -> Json:
         """The report's JSON, the same contract as ``--report-only --json``."""
-        if self.state is None or self.plan is None:
+        plan = self.every_model
+        if self.state is None or plan is None:
             # Before the first reconcile, or between a reload and the reconcile that follows it.
             return build_report(ClusterState(()), _EMPTY_PLAN)
-        return build_report(self.state, self.plan)
+        return build_report(self.state, plan)
 
     @cached_property
     def routes(self) -> Mapping[str, Route]:
         """model -> where requests for it should go."""
-        if self.state is None or self.plan is None:
+        plan = self.every_model
+        if self.state is None or plan is None:
             return {}
-        return build_routes(self.state, self.plan)
+        return build_routes(self.state, plan)
 
     def priority_on_gpu(self) -> tuple[int, int]:
         """(on GPU, configured); before the first reconcile nothing counts as on GPU."""
@@ -438,6 +450,7 @@ class Telemetry:
         duration_s: float,
         next_in_s: float,
         backoffs: Iterable[tuple[str, str, int, float]] = (),
+        full_plan: Callable[[], Plan] | None = None,
     ) -> None:
         """Publish a finished reconcile: count its poll errors, time it, swap the snapshot."""
         now = self._wall()
@@ -451,6 +464,7 @@ class Telemetry:
         self._publish(
             state=state,
             plan=plan,
+            full_plan=full_plan,
             reconciles=reconcile,
             last_reconcile_at=now,
             last_reconcile_mono_s=self._clock(),

@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from gpu_router.emulator.catalogue import EmulatorError
-from gpu_router.emulator.node import DEMO_PRIORITY_MODELS, EmulatedCluster, EmulatedNode, demo_cluster
+from gpu_router.emulator.cluster import DEMO_PRIORITY_MODELS, EmulatedCluster, demo_cluster
+from gpu_router.emulator.node import EmulatedNode
 
 LOAD_TEST_MODELS = (
     "nomic-embed-text:latest",

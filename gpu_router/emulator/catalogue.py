@@ -174,10 +174,12 @@ class ModelSpec:
 
     @property
     def kv_heads_per_layer(self) -> tuple[int, ...]:
-        """KV heads of every block (``HeadCountKV``): 0 marks a recurrent layer; BERT uses all heads."""
+        """KV heads of every block as ``HeadCountKV`` reads the GGUF: 0 marks a recurrent layer, and a
+        GGUF without ``attention.head_count_kv`` (BERT) counts 1 (fs/ggml/ggml.go@v0.12.10).
+        """
         if self.head_count_kv_layers:
             return self.head_count_kv_layers
-        heads = self.head_count if self.architecture in _NO_HKV_ARCHS else self.head_count_kv
+        heads = 1 if self.architecture in _NO_HKV_ARCHS else self.head_count_kv
         return (heads,) * self.block_count
 
     @property
@@ -317,6 +319,7 @@ def _layers(spec: ModelSpec) -> LayerSizes:
 
 def _plain_arch(spec: ModelSpec) -> Arch:
     # A spec built by hand (tests): a plain decoder whose tensors roughly match its file size.
+    encoder = spec.architecture in _NO_HKV_ARCHS
     known = ("Q4_K_M", "Q4_0", "Q8_0", "F16")
     quant = spec.quantization_level if spec.quantization_level in known else "Q8_0"
     ffn = spec.feed_forward_length or 4 * spec.embedding_length
@@ -324,13 +327,13 @@ def _plain_arch(spec: ModelSpec) -> Arch:
         block_count=spec.block_count,
         embedding=spec.embedding_length,
         heads=spec.head_count,
-        heads_kv=spec.kv_heads_per_layer,
+        heads_kv=uniform(spec.block_count, spec.head_count) if encoder else spec.kv_heads_per_layer,
         head_dim_k=spec.head_dim_k,
         head_dim_v=spec.head_dim_v,
         ffn=ffn,
         vocab=spec.vocab_size,
         quant=quant,
-        encoder=spec.architecture in _NO_HKV_ARCHS,
+        encoder=encoder,
     )
 
 

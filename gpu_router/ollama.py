@@ -16,7 +16,17 @@ from typing import Any
 
 import requests
 
-from gpu_router.state import InstalledModel, LoadedModel, ModelInfo, NodeStatus
+from gpu_router.memory.ggml import Tensor, summarize_tensors
+from gpu_router.state import (
+    InstalledModel,
+    LoadedModel,
+    ModelInfo,
+    NodeStatus,
+    ProjectorInfo,
+    SsmInfo,
+    TensorSummary,
+    VisionInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +164,84 @@ def parse_tags(body: Any, node: str = "node") -> tuple[InstalledModel, ...]:
                 family=_str(details.get("family")),
                 parameter_size=_str(details.get("parameter_size")),
                 quantization_level=_str(details.get("quantization_level")),
+                remote=_is_remote(e),
             )
         )
     return tuple(installed)
 
 
+def _is_remote(entry: Mapping[str, Any]) -> bool:
+    """A cloud model: /api/tags and /api/show name a remote model or host for it."""
+    return bool(_str(entry.get("remote_model")).strip() or _str(entry.get("remote_host")).strip())
+
+
 _NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d+)\s*$", re.MULTILINE)
+# Bounds no real model reaches: beyond them a value is treated as missing, never allocated for.
+_MAX_TENSORS = 100_000
+_MAX_BLOCKS = 4096
+_MAX_DIMS = 8
+_MAX_NAME = 512
+_MAX_ELEMENTS = 1 << 48  # far beyond any tensor; keeps every size well inside a float
+
+
+def _ints(value: object) -> tuple[int, ...] | None:
+    """A JSON array of whole numbers (a per-layer GGUF array); None if it is anything else."""
+    if not isinstance(value, list) or not value or len(value) > _MAX_BLOCKS:
+        return None
+    out = []
+    for v in value:
+        n = _int(v)
+        if n is None or n < 0:
+            return None
+        out.append(n)
+    return tuple(out)
+
+
+def _bools(value: object) -> tuple[bool, ...]:
+    if isinstance(value, list) and 0 < len(value) <= _MAX_BLOCKS and all(isinstance(v, bool) for v in value):
+        return tuple(value)
+    return ()
+
+
+def _tensor_list(raw: object) -> list[Tensor] | None:
+    """/api/show ``tensors``, or None when absent or malformed (then the file size is used)."""
+    if not isinstance(raw, list) or not raw or len(raw) > _MAX_TENSORS:
+        return None
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            return None
+        name, kind, shape = entry.get("name"), entry.get("type"), entry.get("shape")
+        if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+            return None
+        if isinstance(kind, bool) or not isinstance(kind, (str, int)):
+            return None
+        if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+            return None
+        dims = [_int(d) for d in shape]
+        if any(d is None or d < 0 or d > _MAX_ELEMENTS for d in dims):
+            return None
+        t = Tensor(name, str(kind), tuple(d for d in dims if d is not None))
+        if t.elements > _MAX_ELEMENTS:
+            return None
+        out.append(t)
+    return out
+
+
+def _tensor_summary(raw: object, block_count: int | None) -> TensorSummary | None:
+    if not block_count or block_count > _MAX_BLOCKS:
+        return None
+    tensors = _tensor_list(raw)
+    return summarize_tensors(tensors, block_count) if tensors else None
 
 
 def parse_show(body: Any, model: str, node: str = "node") -> ModelInfo:
-    """Parse a ``POST /api/show`` body into what sizing and loading need."""
+    """Parse a ``POST /api/show`` body into what sizing and loading need.
+
+    Without ``verbose`` Ollama sends every GGUF array as null (``getModelData`` decodes with no
+    array values), so per-layer head counts come from the tensors' shapes where the scalars are
+    missing; ``tensors`` itself is absent before v0.6.1 and from some proxies.
+    """
     if not isinstance(body, dict):
         raise BadResponse(node, f"/api/show {model}: expected a JSON object")
     info = body.get("model_info")
@@ -183,6 +261,13 @@ def parse_show(body: Any, model: str, node: str = "node") -> ModelInfo:
         n = _int(value)
         return n if n is not None and n > 0 else None
 
+    def first(*suffixes: str) -> int | None:
+        for suffix in suffixes:
+            n = count(suffix)
+            if n is not None:
+                return n
+        return None
+
     caps_raw = body.get("capabilities")
     if isinstance(caps_raw, list):
         capabilities = tuple(c for c in caps_raw if isinstance(c, str))
@@ -197,19 +282,127 @@ def parse_show(body: Any, model: str, node: str = "node") -> ModelInfo:
         vocab = len(tokens)  # only filled with verbose=true
     params = body.get("parameters")
     m = _NUM_CTX.search(params) if isinstance(params, str) else None
+    block_count = count("block_count")
+    if block_count is not None and block_count > _MAX_BLOCKS:
+        block_count = None
+    tensors = _tensor_summary(body.get("tensors"), block_count)
+    if vocab is None and tensors is not None:
+        vocab = tensors.vocab
+
+    embedding = count("embedding_length")
+    key_length = count("attention.key_length")
+    head_count = count("attention.head_count")
+    head_layers = _heads_per_layer(info, arch, "attention.head_count", tensors, key_length or 0)
+    if head_count is None and head_layers:
+        head_count = max(head_layers)
+    head_min = min(head_layers) if head_layers else count("attention.head_count", min)
+    per_head = key_length or (embedding // head_min if embedding and head_min else 0)
+    kv_layers = _heads_per_layer(info, arch, "attention.head_count_kv", tensors, per_head)
+    head_count_kv = count("attention.head_count_kv")
+    if head_count_kv is None and kv_layers:
+        head_count_kv = max(kv_layers)
+    if head_count_kv is None and _blanked(info, arch, "attention.head_count_kv"):
+        # a nulled per-layer array and no tensors to rebuild it from: assume no grouping (the
+        # largest cache the model could have) rather than Ollama's default of one KV head
+        head_count_kv = head_count
     return ModelInfo(
         name=model,
         architecture=arch,
         capabilities=capabilities,
-        block_count=count("block_count"),
-        embedding_length=count("embedding_length"),
-        head_count=count("attention.head_count"),
-        head_count_kv=count("attention.head_count_kv"),
-        key_length=count("attention.key_length"),
+        block_count=block_count,
+        embedding_length=embedding,
+        head_count=head_count,
+        head_count_kv=head_count_kv,
+        key_length=key_length,
         value_length=count("attention.value_length"),
         context_length=count("context_length"),
-        vocab_size=vocab,
+        vocab_size=vocab if vocab is not None and vocab > 0 else None,
         num_ctx=int(m.group(1)) if m else None,
+        head_count_min=head_min,
+        head_count_kv_min=min(kv_layers) if kv_layers else count("attention.head_count_kv", min),
+        head_count_layers=head_layers if len(set(head_layers)) > 1 else (),
+        head_count_kv_layers=kv_layers if len(set(kv_layers)) > 1 else (),
+        key_length_swa=count("attention.key_length_swa"),
+        value_length_swa=count("attention.value_length_swa"),
+        feed_forward_length=count("feed_forward_length"),
+        sliding_window=count("attention.sliding_window"),
+        sliding_window_pattern=_bools(key("attention.sliding_window_pattern")),
+        shared_kv_layers=first("attention.shared_kv_layers", "num_kv_shared_layers") or 0,
+        expert_count=count("expert_count"),
+        expert_used_count=count("expert_used_count"),
+        expert_feed_forward_length=count("expert_feed_forward_length"),
+        pooling=key("pooling_type") is not None,
+        causal=_bool_or_none(key("attention.causal")),
+        parameter_count=_positive_int(info.get("general.parameter_count")),
+        file_type=_int(info.get("general.file_type")),
+        ssm=_ssm(count),
+        vision=_vision(count),
+        projector=_projector(body.get("projector_info")),
+        tensors=tensors,
+        remote=_is_remote(body),
+    )
+
+
+def _blanked(info: Mapping[str, Any], arch: str, suffix: str) -> bool:
+    """The key is there but its value is not: an array /api/show sent as null (or [])."""
+    name = f"{arch}.{suffix}"
+    return bool(arch) and name in info and (info[name] is None or info[name] == [])
+
+
+def _heads_per_layer(
+    info: Mapping[str, Any], arch: str, suffix: str, tensors: TensorSummary | None, per_head: int
+) -> tuple[int, ...]:
+    """Per-layer head counts: the GGUF array (verbose), or rebuilt from the attention tensors'
+    widths when Ollama nulled the array. A missing key stays missing: Ollama then takes 1."""
+    given = _ints(info.get(f"{arch}.{suffix}")) if arch else None
+    if given:
+        return given
+    if not _blanked(info, arch, suffix) or tensors is None or per_head <= 0:
+        return ()
+    widths = tensors.attn_q_widths if suffix == "attention.head_count" else tensors.attn_k_widths
+    return tuple(w // per_head for w in widths)
+
+
+def _bool_or_none(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _positive_int(value: object) -> int | None:
+    n = _int(value)
+    return n if n is not None and n > 0 else None
+
+
+def _ssm(count: Any) -> SsmInfo | None:
+    conv, inner, state = count("ssm.conv_kernel"), count("ssm.inner_size"), count("ssm.state_size")
+    if not (conv or inner or state):
+        return None
+    return SsmInfo(conv or 0, inner or 0, state or 0, count("ssm.group_count") or 0)
+
+
+def _vision(count: Any) -> VisionInfo | None:
+    blocks = count("vision.block_count")
+    if not blocks:
+        return None
+    return VisionInfo(
+        block_count=blocks,
+        image_size=count("vision.image_size") or 0,
+        patch_size=count("vision.patch_size") or 0,
+        num_channels=count("vision.num_channels") or 0,
+        head_count=count("vision.attention.head_count") or 0,
+        embedding_length=count("vision.embedding_length") or 0,
+        max_pixels=count("vision.max_pixels"),
+        max_num_tiles=count("vision.max_num_tiles") or 0,
+    )
+
+
+def _projector(raw: object) -> ProjectorInfo | None:
+    """``projector_info``: the metadata of a separate projector file, when the model has one."""
+    if not isinstance(raw, dict) or not raw:
+        return None
+    return ProjectorInfo(
+        parameter_count=_positive_int(raw.get("general.parameter_count")) or 0,
+        file_type=_int(raw.get("general.file_type")),
+        architecture=_str(raw.get("general.architecture")),
     )
 
 

@@ -113,11 +113,104 @@ class InstalledModel:
     family: str = ""
     parameter_size: str = ""
     quantization_level: str = ""
+    remote: bool = False  # a cloud model (remote_model / remote_host): runs elsewhere, never sized
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """A model's ``/api/show`` ``tensors`` reduced to byte sizes per layer group.
+
+    Groups are Ollama's ``GroupLayers`` (``blk.N``, ``token_embd``, ``output``, ``output_norm``,
+    ``v.*``, ``mm.*``...). Tensors whose type ``/api/show`` prints as ``unknown`` (every IQ*
+    quantisation) cannot be sized from the body: their element counts are kept so the estimator
+    can spread what the file size leaves over them.
+    """
+
+    block_bytes: tuple[int, ...]  # blk.0 .. blk.N-1, known types only
+    token_embd_bytes: int = 0
+    output_bytes: int = 0  # the "output" group; 0 with tied embeddings
+    output_norm_bytes: int = 0
+    vision_bytes: int = 0  # "v" and "v.*": VisionGraphSize's weights
+    mm_bytes: int = 0  # "mm.*": the multimodal projector inside the model file
+    other_bytes: int = 0  # every other group (rope_freqs, altup, per_layer_*, s.*, ...)
+    rope_freqs_bytes: int = 0
+    has_output: bool = False  # an "output" group exists; else the output layer is token_embd
+    engine_input_bytes: int = 0  # what the Ollama engine keeps on the CPU (InputWeights)
+    engine_output_bytes: int = 0  # what the Ollama engine puts in its output layer
+    unknown_block_elements: tuple[int, ...] = ()  # per block, of tensors of unknown type; () = none
+    unknown_other_elements: int = 0
+    attn_q_widths: tuple[int, ...] = ()  # per block: attn_q.weight shape[1], 0 where absent
+    attn_k_widths: tuple[int, ...] = ()
+    attn_v_widths: tuple[int, ...] = ()
+    vocab: int | None = None  # token_embd shape[1]
+    ffn_gate_exps_bytes: int = 0  # blk.0.ffn_gate_exps.weight (GraphSize's mixtral 8x22b case)
+    ffn_gate0_width: int = 0  # blk.0.ffn_gate.0.weight shape[1] (mixtral 8x7b case)
+    attn_qkv_bias_len: int = 0  # blk.0.attn_qkv.bias shape[0] (chatglm case)
+    rope_freqs_elements: int = 0
+    class_embd: bool = False  # v.class_embd exists (one more vision patch)
+    cross_attention_layers: tuple[int, ...] = ()  # blocks with cross_attn_* tensors (mllama)
+
+    @property
+    def known_bytes(self) -> int:
+        """Sum of every tensor of a known type."""
+        return (
+            sum(self.block_bytes)
+            + self.token_embd_bytes
+            + self.output_bytes
+            + self.output_norm_bytes
+            + self.vision_bytes
+            + self.mm_bytes
+            + self.other_bytes
+        )
+
+    @property
+    def unknown_elements(self) -> int:
+        """Elements of tensors whose type could not be sized."""
+        return sum(self.unknown_block_elements) + self.unknown_other_elements
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    """The ``<arch>.vision.*`` keys ``VisionGraphSize`` reads, for models with the encoder inline."""
+
+    block_count: int = 0
+    image_size: int = 0
+    patch_size: int = 0
+    num_channels: int = 0
+    head_count: int = 0
+    embedding_length: int = 0
+    max_pixels: int | None = None  # qwen25vl
+    max_num_tiles: int = 0  # mllama
+
+
+@dataclass(frozen=True)
+class ProjectorInfo:
+    """``/api/show`` ``projector_info``: a separate projector file (llava-style models)."""
+
+    parameter_count: int = 0
+    file_type: int | None = None
+    architecture: str = ""
+
+
+@dataclass(frozen=True)
+class SsmInfo:
+    """State-space (recurrent) layer sizes: ``<arch>.ssm.*``."""
+
+    conv_kernel: int = 0
+    inner_size: int = 0
+    state_size: int = 0
+    group_count: int = 0
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What ``/api/show`` says about a model, reduced to what sizing and loading need."""
+    """What ``/api/show`` says about a model, reduced to what sizing and loading need.
+
+    Scalars are as the GGUF gives them; where a key is a per-layer array, the scalar field holds
+    its largest value (``head_count``, ``head_count_kv``) and the ``*_layers`` tuple the array.
+    Without ``verbose`` Ollama sends every array as null, so per-layer values are rebuilt from the
+    tensors' shapes where possible. Everything is tuples of ints: the daemon keeps hundreds of these.
+    """
 
     name: str
     architecture: str = ""
@@ -131,11 +224,38 @@ class ModelInfo:
     context_length: int | None = None  # trained context
     vocab_size: int | None = None
     num_ctx: int | None = None  # the model's own PARAMETER num_ctx, if set
+    head_count_min: int | None = None
+    head_count_kv_min: int | None = None
+    head_count_layers: tuple[int, ...] = ()  # per layer, when not uniform; 0 = no attention
+    head_count_kv_layers: tuple[int, ...] = ()
+    key_length_swa: int | None = None
+    value_length_swa: int | None = None
+    feed_forward_length: int | None = None
+    sliding_window: int | None = None
+    sliding_window_pattern: tuple[bool, ...] = ()  # True = sliding-window layer, when the GGUF says
+    shared_kv_layers: int = 0  # trailing layers that reuse an earlier layer's cache (gemma3n/4)
+    expert_count: int | None = None
+    expert_used_count: int | None = None
+    expert_feed_forward_length: int | None = None
+    pooling: bool = False  # <arch>.pooling_type exists: Ollama's own "embedding model" test
+    causal: bool | None = None  # <arch>.attention.causal
+    parameter_count: int | None = None
+    file_type: int | None = None
+    ssm: SsmInfo | None = None
+    vision: VisionInfo | None = None
+    projector: ProjectorInfo | None = None
+    tensors: TensorSummary | None = None
+    remote: bool = False  # a cloud model: remote_model / remote_host
 
     @property
     def embedding_only(self) -> bool:
         """True for models that must be loaded through ``/api/embed``."""
         return "embedding" in self.capabilities and "completion" not in self.capabilities
+
+    @property
+    def vision_capable(self) -> bool:
+        """True when Ollama will treat the model as multimodal (``vision`` capability)."""
+        return "vision" in self.capabilities
 
 
 def _empty_info() -> Mapping[str, ModelInfo]:

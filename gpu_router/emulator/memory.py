@@ -4,8 +4,14 @@ Pure: no I/O, no clocks. :func:`allocate` takes a model, the request as the sche
 (context per slot, parallel slots, KV type, ``num_gpu``), the GPUs' free memory as Ollama sees it
 and the engine era, and answers what the runner takes on each GPU, the ``/api/ps`` ``size`` and
 whether the load fits, must evict first, or fails. :func:`predict_llama_server_vram` is the >= v0.30
-pre-load figure. When ``gpu_router.memory`` (the daemon's sizing engine) lands, these are the two
-functions to re-point at it, so the emulator and the daemon use the same port of Ollama's code.
+pre-load figure.
+
+With an :class:`~gpu_router.emulator.engine.EngineView` (the node passes one whenever the daemon's
+engine, ``gpu_router.memory``, can size the model) the figures are the engine's: the classic era
+places layers with its ``estimate_gpu_layers``, the later eras fit with its ``need_bytes`` and
+report its ``ps_size_bytes``, so the emulator and the daemon use the same port of Ollama's code.
+The emulator's own port below remains for what the engine does not give (partial offloads after
+v0.12.10, CPU loads) and for hand-made models it cannot size.
 
 Eras, by what ``/api/ps`` ``size``/``size_vram`` mean:
 
@@ -27,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gpu_router.emulator.catalogue import GPU_MINIMUM_BYTES, ModelSpec
+from gpu_router.emulator.engine import EngineView
+from gpu_router.memory import estimate_gpu_layers
 from gpu_router.state import GIB, MIB
 
 CLASSIC = "classic"
@@ -494,6 +502,70 @@ def _llama_server(shape: LoadShape, gpus: Sequence[GpuView], ram_free_bytes: int
     return Outcome(Allocation(vram, total, on_gpu, n_layers))
 
 
+# ------------------------------------------------------------------------------- the daemon's engine
+
+
+def _classic_engine(
+    shape: LoadShape, gpus: Sequence[GpuView], engine: EngineView, require_full: bool, sched_spread: bool
+) -> Outcome:
+    """pickBestFullFitByLibrary + estimateGPULayers with the engine's port (gpu_router.memory.classic)."""
+    assert engine.classic is not None
+    n_layers = shape.spec.block_count + 1
+    want = n_layers if shape.num_gpu < 0 else shape.num_gpu
+    ordered = sorted(gpus, key=lambda g: -g.free_bytes)
+    subsets = [ordered] if sched_spread else [ordered[:k] for k in range(1, len(ordered) + 1)]
+    chosen: Sequence[GpuView] | None = None
+    for subset in subsets:
+        trial = estimate_gpu_layers([g.free_bytes for g in subset], engine.classic, shape.num_gpu)
+        if trial.layers > 0 and trial.layers >= want:
+            chosen = subset
+            break
+    if chosen is None:
+        if require_full:
+            return Outcome(needs_eviction=True)
+        chosen = ordered
+    placed = estimate_gpu_layers([g.free_bytes for g in chosen], engine.classic, shape.num_gpu)
+    if shape.num_gpu >= 0 and placed.layers < min(shape.num_gpu, n_layers):
+        return Outcome(error=RUNNER_OOM, out_of_memory=True)
+    per_gpu = {
+        g.index: placed.gpu_bytes[i]
+        for i, g in enumerate(chosen)
+        if placed.tensor_split[i] > 0 and placed.layers
+    }
+    return Outcome(Allocation(per_gpu, placed.total_bytes, placed.layers, n_layers))
+
+
+def _engine_full_fit(
+    shape: LoadShape, gpus: Sequence[GpuView], engine: EngineView, sched_spread: bool
+) -> Outcome | None:
+    """A full offload judged by the engine's need (one GPU first, then the fewest that hold it).
+
+    None when it does not fit, or when ``num_gpu`` asks for a partial offload: the emulator's own
+    layer placement answers those.
+    """
+    est = engine.estimate
+    n_layers = shape.spec.block_count + 1
+    if 0 <= shape.num_gpu < n_layers:
+        return None
+    ordered = sorted(gpus, key=lambda g: -g.free_bytes)
+    counts = [len(ordered)] if sched_spread else list(range(1, len(ordered) + 1))
+    for k in counts:
+        chosen = ordered[:k]
+        if est.span_need_bytes(k) > sum(g.free_bytes for g in chosen):
+            continue
+        if k > 1 and any(g.free_bytes < est.extra_gpu_bytes for g in chosen):
+            continue
+        # every GPU used holds its share of the layers and a graph of its own
+        total = est.ps_size_bytes + (k - 1) * est.graph_bytes
+        free = sum(g.free_bytes for g in chosen)
+        shares = [total * g.free_bytes // free for g in chosen]
+        shares[0] += total - sum(shares)
+        return Outcome(
+            Allocation({g.index: b for g, b in zip(chosen, shares, strict=True)}, total, n_layers, n_layers)
+        )
+    return None
+
+
 # ----------------------------------------------------------------------------------------- the seam
 
 
@@ -507,6 +579,7 @@ def allocate(
     sched_spread: bool = False,
     ollama_engine: bool = False,
     ram_free_bytes: int = 2**62,
+    engine: EngineView | None = None,
 ) -> Outcome:
     """What loading ``shape`` on ``gpus`` gives in ``era`` (no GPUs = a CPU load).
 
@@ -518,11 +591,18 @@ def allocate(
         raise ValueError(f"unknown era {era!r}")
     if not gpus or shape.num_gpu == 0:
         return _cpu(era, shape, ram_free_bytes)
-    if era == CLASSIC:
+    out: Outcome | None = None
+    if engine is not None and era == CLASSIC and engine.classic is not None:
+        out = _classic_engine(shape, gpus, engine, require_full, sched_spread)
+    elif engine is not None and era != CLASSIC:
+        out = _engine_full_fit(shape, gpus, engine, sched_spread)
+        if out is None and require_full and era == MEASURED:
+            out = Outcome(needs_eviction=True)
+    if out is None and era == CLASSIC:
         out = _classic(shape, gpus, gpu_overhead_bytes, require_full, sched_spread)
-    elif era == MEASURED:
+    elif out is None and era == MEASURED:
         out = _measured(shape, gpus, gpu_overhead_bytes, require_full, sched_spread, ollama_engine)
-    else:
+    elif out is None:
         out = _llama_server(shape, gpus, ram_free_bytes)
     if out.allocation is not None and era != LLAMA_SERVER:
         cpu_part = out.allocation.total_bytes - out.allocation.size_vram_bytes

@@ -44,6 +44,7 @@ from gpu_router.emulator.catalogue import (
     show_parameters,
     show_system,
 )
+from gpu_router.emulator.engine import EngineView, NodeFacts, engine_view
 from gpu_router.emulator.memory import (
     LLAMA_SERVER,
     LLAMA_SERVER_OOM,
@@ -344,6 +345,8 @@ class EmulatedNode:
     ``OLLAMA_*`` settings (:data:`gpu_router.emulator.versions.KNOWN_ENV`). ``default_num_ctx``, when
     given, is ``OLLAMA_CONTEXT_LENGTH``. With ``metrics=True`` a dcgm-exporter ``/metrics`` answers
     on its own port (:attr:`metrics_url`) and, for older callers, on the Ollama port too.
+    ``memory_engine=False`` sizes models with the emulator's own port only, not the daemon's engine
+    (``gpu_router.memory``), e.g. to compare the two.
     """
 
     def __init__(
@@ -367,6 +370,7 @@ class EmulatedNode:
         max_queue: int = 512,
         max_recorded: int = 100_000,
         pull_speed_bps: float = 0.0,
+        memory_engine: bool = True,
     ) -> None:
         if host not in _LOOPBACK_HOSTS and not host.startswith("127."):
             raise EmulatorError(f"node {name}: the emulator only listens on loopback, not {host!r}")
@@ -387,6 +391,8 @@ class EmulatedNode:
         if default_num_ctx is not None:
             env_map.setdefault("OLLAMA_CONTEXT_LENGTH", int(default_num_ctx))
         self.env = OllamaEnv.from_mapping(env_map)
+        self._env_map: dict[str, object] = env_map
+        self.memory_engine = memory_engine
         if self.env.keep_alive is not None:
             try:
                 self.default_keep_alive_s = parse_env_keep_alive(self.env.keep_alive)
@@ -939,6 +945,7 @@ class EmulatedNode:
             sched_spread=self.env.sched_spread,
             ollama_engine=beh.ollama_engine(spec),
             ram_free_bytes=self.ram_bytes,
+            engine=self._engine(spec, ctx, parallel),
         )
         if out.allocation is None:
             raise EmulatorError(f"node {self.name}: {spec.name} cannot load here: {out.error}")
@@ -1175,7 +1182,14 @@ class EmulatedNode:
             sched_spread=self.env.sched_spread,
             ollama_engine=beh.ollama_engine(spec),
             ram_free_bytes=self._ram_free_locked(),
+            engine=self._engine(spec, requested_ctx, parallel),
         )
+
+    def _engine(self, spec: ModelSpec, requested_ctx: int, parallel: int) -> EngineView | None:
+        if not self.memory_engine or spec.is_cloud:
+            return None
+        totals = tuple(m * MIB for i, m in enumerate(self.gpus_mib) if i not in self._lost_gpus)
+        return engine_view(spec, NodeFacts.of(self.version, totals, self._env_map), requested_ctx, parallel)
 
     def _take_oom_fault(self, spec: ModelSpec) -> bool:
         rule = self._rule_for("/api/generate", (Fault.LOAD_OOM,), spec.name)
@@ -1252,6 +1266,7 @@ class EmulatedNode:
         parallel = beh.parallel_candidates(spec, cpu_only=not gpus)[0]
         effective = min(requested_ctx, spec.context_length) * parallel
         predicted = predict_llama_server_vram(spec, effective)
+        engine = self._engine(spec, requested_ctx, parallel)
         selected = self._select_llama_server_gpus(gpus, predicted)
         completion = "completion" in spec.capabilities
         available = sum(g.free_bytes for g in selected)
@@ -1266,15 +1281,23 @@ class EmulatedNode:
                 small_cuda=small_cuda,
             )
         surcharge = generation_batch_surcharge(batch) if completion else 0
+        preload = predicted + surcharge
+        if engine is not None and engine.estimate.preload_bytes is not None:
+            preload = engine.estimate.preload_bytes  # the daemon engine's figure for the same check
         explicit_partial = 0 < num_gpu < spec.block_count + 1
-        if others and selected and not explicit_partial and predicted + surcharge > available * 80 // 100:
+        if others and selected and not explicit_partial and preload > available * 80 // 100:
             return ("evict", requested_ctx)
         shape = self._shape(spec, requested_ctx, parallel, num_gpu, batch)
         if selected and self._take_oom_fault(spec):
             out = Outcome(error=LLAMA_SERVER_OOM, out_of_memory=True)
         else:
             out = allocate(
-                LLAMA_SERVER, shape, selected, require_full=False, ram_free_bytes=self._ram_free_locked()
+                LLAMA_SERVER,
+                shape,
+                selected,
+                require_full=False,
+                ram_free_bytes=self._ram_free_locked(),
+                engine=engine,
             )
         if out.allocation is not None:
             return self._placement(out.allocation, parallel, requested_ctx, auto, shape)

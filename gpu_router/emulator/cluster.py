@@ -1,4 +1,4 @@
-"""Several emulated nodes started and stopped together, and the demo cluster."""
+"""Several emulated nodes started and stopped together, their gpu-router config, and the demo cluster."""
 
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def demo_cluster(*, port_base: int = 0, load_delay_s: float = 0.0) -> EmulatedCl
     - ``cpu-only``: no GPU; nomic-embed-text loaded on CPU, forever.
     - ``gpu-8g``: 1 x 8192 MiB, metrics, 300 MiB used by another process; llama3.2 and mxbai-embed-large
       fully on GPU; qwen2.5:7b and llama3.1:8b installed but not loaded.
-    ``port_base`` > 0 puts node *i* on ``port_base + i``.
+    All three are Ollama 0.12.6 (the classic estimate). ``port_base`` > 0 puts node *i* on
+    ``port_base + i`` and the exporters of the two GPU nodes on ``port_base + 3`` and ``+ 4``.
     """
 
     def port(i: int) -> int:
@@ -113,6 +114,7 @@ def demo_cluster(*, port_base: int = 0, load_delay_s: float = 0.0) -> EmulatedCl
         ("nomic-embed-text:latest", "all-minilm:latest", "llama3.2:latest", "llama3.1:8b"),
         metrics=True,
         port=port(0),
+        metrics_port=port(3),
         ram_bytes=16 * GIB,
     )
     cpu = EmulatedNode(
@@ -134,6 +136,7 @@ def demo_cluster(*, port_base: int = 0, load_delay_s: float = 0.0) -> EmulatedCl
         ),
         metrics=True,
         port=port(2),
+        metrics_port=port(4),
     )
     small.load("llama3.1:8b", keep_alive="30m")
     cpu.load("nomic-embed-text:latest", keep_alive=-1)

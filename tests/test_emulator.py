@@ -934,7 +934,19 @@ def test_cli_runs_nodes_and_writes_config(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpu_router.emulator", "--nodes", "2", "--write-config", str(config_path)],
+        [
+            sys.executable,
+            "-m",
+            "gpu_router.emulator",
+            "--nodes",
+            "2",
+            "--ollama-version",
+            "0.30.0",
+            "--env",
+            "OLLAMA_NUM_PARALLEL=2",
+            "--write-config",
+            str(config_path),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -949,7 +961,7 @@ def test_cli_runs_nodes_and_writes_config(tmp_path: Path) -> None:
         config = yaml.safe_load(config_path.read_text())
         assert [n["name"] for n in config["nodes"]] == ["node-1", "node-2"]
         for n in config["nodes"]:
-            assert requests.get(n["url"] + "/api/version", timeout=T).status_code == 200
+            assert requests.get(n["url"] + "/api/version", timeout=T).json() == {"version": "0.30.0"}
             assert requests.get(n["gpu"]["exporter"], timeout=T).status_code == 200
         assert config["priority_models"]
         proc.send_signal(signal.SIGTERM)
@@ -958,3 +970,11 @@ def test_cli_runs_nodes_and_writes_config(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_rejects_a_setting_that_is_not_ollamas() -> None:
+    from gpu_router.emulator.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--nodes", "1", "--env", "PATH=/tmp"])
+    assert exc.value.code == 2

@@ -664,26 +664,30 @@ class EmulatedNode:
     def _rule_for(
         self, path: str, kinds: Iterable[Fault] | None = None, model: str | None = None
     ) -> _FaultRule | None:
+        # Lock-free: _faults is only ever replaced by a new list, never changed in place, so a
+        # request sees one consistent set; with no faults (the soak's usual case) this is one test.
+        rules = self._faults
+        if not rules:
+            return None
         wanted = None if kinds is None else frozenset(kinds)
-        with self._state_lock:
-            for rule in self._faults:
-                if wanted is not None and rule.fault not in wanted:
-                    continue
-                if not rule.matches(path):
-                    continue
-                if rule.model is not None and model is not None and rule.model != model:
-                    continue
-                return rule
+        for rule in rules:
+            if wanted is not None and rule.fault not in wanted:
+                continue
+            if not rule.matches(path):
+                continue
+            if rule.model is not None and model is not None and rule.model != model:
+                continue
+            return rule
         return None
 
     def _consume(self, rule: _FaultRule) -> None:
+        if rule.remaining is None:
+            return
         with self._listen_lock:
             with self._state_lock:
-                if rule.remaining is None:
-                    return
                 rule.remaining -= 1
                 if rule.remaining <= 0 and rule in self._faults:
-                    self._faults.remove(rule)
+                    self._faults = [r for r in self._faults if r is not rule]
             self._sync_listening()
 
     def on_request(self, path: str, callback: Callable[[EmulatedNode], object], *, once: bool = True) -> None:
@@ -702,6 +706,8 @@ class EmulatedNode:
             self._hooks.clear()
 
     def _run_hooks(self, path: str) -> None:
+        if not self._hooks:  # read without the lock: the common case has none
+            return
         with self._state_lock:
             due = [h for h in self._hooks if h.path == path]
             self._hooks = [h for h in self._hooks if not (h.once and h.path == path)]

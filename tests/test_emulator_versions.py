@@ -169,6 +169,11 @@ def test_flash_attention_and_kv_cache_type() -> None:
     assert not on.flash_attention(gemma2)  # SupportsFlashAttention: never gemma2
     assert not on.flash_attention(nomic)  # nor embedding models
     assert not beh("0.12.3", OLLAMA_KV_CACHE_TYPE="q8_0").flash_attention(qwen3)  # default off then
+    # gpt-oss "wants" flash attention: forced on from v0.11.8, and only from v0.12.4 can it be refused.
+    oss = CATALOGUE["gpt-oss:20b"]
+    assert not beh("0.11.7").flash_attention(oss)
+    assert beh("0.11.8", OLLAMA_FLASH_ATTENTION="false").flash_attention(oss)
+    assert not beh("0.12.4", OLLAMA_FLASH_ATTENTION="false").flash_attention(oss)
     # llama-server gets OLLAMA_KV_CACHE_TYPE as is, flash attention on unless turned off.
     assert beh("0.30.0", OLLAMA_KV_CACHE_TYPE="q8_0").kv_cache_type(llama) == "q8_0"
     assert not beh("0.30.0", OLLAMA_FLASH_ATTENTION="0").flash_attention(llama)

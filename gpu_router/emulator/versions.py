@@ -142,9 +142,10 @@ _SINGLE_SLOT: _Growth = (
     (v("0.20.0"), frozenset({"qwen35", "qwen35moe", "nemotron_h", "nemotron_h_moe"})),
     (v("0.24.0"), frozenset({"nemotron_h_omni"})),
 )
-# fs/ggml/ggml.go FlashAttention(): flash attention on by default (BoolWithDefault from v0.12.4).
+# fs/ggml/ggml.go FlashAttention(): the models that want flash attention. llm/server.go forces it on
+# for them from v0.11.8; from v0.12.4 OLLAMA_FLASH_ATTENTION (BoolWithDefault) can turn it off.
 _FA_DEFAULT: _Growth = (
-    (v("0.11.0"), frozenset({"gptoss"})),
+    (v("0.11.8"), frozenset({"gptoss"})),
     (v("0.12.4"), frozenset({"gemma3", "qwen3", "qwen3moe"})),
     (v("0.12.7"), frozenset({"qwen3vl", "qwen3vlmoe"})),
     (v("0.15.5"), frozenset({"bert", "glm4moelite", "glmocr", "lfm2", "mistral3", "olmo3", "qwen3next"})),
@@ -273,9 +274,10 @@ class Behaviour:
             return self.env.flash_attention is not False
         if spec.pooling_type is not None or spec.architecture in _NO_FA or spec.head_dim_k != spec.head_dim_v:
             return False
-        if self.env.flash_attention is not None:
-            return self.env.flash_attention
-        return spec.architecture in _by_version(_FA_DEFAULT, self.version)
+        wanted = spec.architecture in _by_version(_FA_DEFAULT, self.version)
+        if self.version < v("0.12.4"):
+            return self.env.flash_attention is True or wanted  # "model wants flash attention": forced
+        return wanted if self.env.flash_attention is None else self.env.flash_attention
 
     def kv_cache_type(self, spec: ModelSpec) -> str:
         """The KV cache type in effect: only with flash attention before v0.30; passed through after."""

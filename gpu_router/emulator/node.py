@@ -1656,18 +1656,19 @@ class EmulatedNode:
             return []
         spec = specs[0]
         now = time.time_ns()
-        return [
-            {
-                "name": spec.name,
-                "model": spec.name,
-                "size": spec.file_size_bytes,
-                "digest": spec.digest,
-                "details": self._details(spec),
-                "expires_at": format_rfc3339nano(now + 300 * 10**9, self._tz),
-                "size_vram": spec.file_size_bytes,
-                "context_length": 4096,
-            }
-        ]
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "model": spec.name,
+            "size": spec.file_size_bytes,
+            "digest": spec.digest,
+            "details": self._details(spec),
+            "expires_at": format_rfc3339nano(now + 300 * 10**9, self._tz),
+            "size_vram": spec.file_size_bytes,
+        }
+        context = self._behaviour.ps_context_length(4096, 4096)
+        if context is not None:
+            entry["context_length"] = context
+        return [entry]
 
     def _api_show(self, body: dict[str, Any]) -> Reply:
         model = self._model_field(body, "model", "name")

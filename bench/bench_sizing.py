@@ -25,6 +25,7 @@ import json
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,6 +416,26 @@ def figure(row: dict[str, str], row_id: int, check: Check) -> int:
     return observed_bytes(text)
 
 
+def speed(specs: list[Row]) -> None:
+    """Time estimate_memory per call over the rows' models and nodes (the planner calls it per
+    model and node profile; the model's shape is cached, so this is the repeated-call cost)."""
+    cases = []
+    for spec in specs:
+        m = spec.model()
+        gpus = tuple(int(g * GIB) for g in (spec.gpus_gib or spec.free_gib or (24,)))
+        cases.append((m, NodeProfile(spec.version, gpus, parse_ollama_env(spec.env), spec.library), spec.ctx))
+    per_call = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for m, node, ctx in cases * 20:
+            estimate_memory(m.info, m.file_bytes, node, num_ctx=ctx)
+        per_call.append((time.perf_counter() - start) / (len(cases) * 20))
+    print(
+        f"estimate_memory: median {statistics.median(per_call) * 1e6:.0f} us per call"
+        f" ({len(cases)} model/node pairs x 20, 5 runs)"
+    )
+
+
 def fmt(n: int) -> str:
     return f"{n / GIB:8.2f} GiB" if n >= GIB else f"{n / MIB:8.1f} MiB"
 
@@ -454,6 +475,7 @@ def main() -> None:
         if spec.note:
             print(f"{'':>4}note: {spec.note}")
     print()
+    speed(rows())
     names = {
         "A": "A classic (< v0.11.11)",
         "B": "B layouts (v0.11.11 - v0.29)",

@@ -8,6 +8,7 @@ there is into the numbers ``fs/ggml/ggml.go`` works with, and says what it had t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gpu_router.state import ModelInfo
 
@@ -95,6 +96,8 @@ def _per_layer(layers: int, given: tuple[int, ...], scalar: int | None) -> tuple
     return None
 
 
+# The planner sizes the same model for many nodes; the shape depends on the model alone.
+@lru_cache(maxsize=1024)
 def model_shape(info: ModelInfo, file_bytes: int) -> Shape | None:
     """The shape of ``info`` with ``file_bytes`` on disk; None when the metadata is too thin."""
     layers = _positive(info.block_count, MAX_LAYERS)

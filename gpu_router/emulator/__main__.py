@@ -1,7 +1,8 @@
 """``python -m gpu_router.emulator``: run emulated Ollama nodes on loopback until SIGINT/SIGTERM.
 
 Without options it runs :func:`demo_cluster`; ``--nodes N`` runs N plain single-GPU nodes instead
-(for load tests). ``--write-config PATH`` writes a gpu-router YAML config that points at them.
+(for load tests), as the Ollama of ``--ollama-version`` with ``--env OLLAMA_...=VALUE`` settings.
+``--write-config PATH`` writes a gpu-router YAML config that points at them.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
 import yaml
 
 from gpu_router.emulator.catalogue import EmulatorError
-from gpu_router.emulator.node import DEMO_PRIORITY_MODELS, EmulatedCluster, EmulatedNode, demo_cluster
+from gpu_router.emulator.cluster import DEMO_PRIORITY_MODELS, EmulatedCluster, demo_cluster
+from gpu_router.emulator.node import EmulatedNode
 
 LOAD_TEST_MODELS = (
     "nomic-embed-text:latest",
@@ -33,9 +35,18 @@ LOAD_TEST_PRIORITY = ("nomic-embed-text:latest", "llama3.2:latest")
 
 
 def load_test_cluster(
-    count: int, *, port_base: int = 0, gpu_mib: int = 8192, load_delay_s: float = 0.0
+    count: int,
+    *,
+    port_base: int = 0,
+    gpu_mib: int = 8192,
+    load_delay_s: float = 0.0,
+    version: str = "0.12.6",
+    env: Mapping[str, str] | None = None,
 ) -> EmulatedCluster:
-    """``count`` identical nodes ``node-1``.. with one GPU each, metrics on, nothing loaded."""
+    """``count`` identical nodes ``node-1``.. with one GPU each, metrics on, nothing loaded.
+
+    With ``port_base`` node *i* listens on ``port_base + i`` and its exporter on ``port_base + count + i``.
+    """
     nodes = [
         EmulatedNode(
             f"node-{i + 1}",
@@ -44,10 +55,20 @@ def load_test_cluster(
             metrics=True,
             load_delay_s=load_delay_s,
             port=port_base + i if port_base > 0 else 0,
+            metrics_port=port_base + count + i if port_base > 0 else 0,
+            version=version,
+            env=env,
         )
         for i in range(count)
     ]
     return EmulatedCluster(nodes)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("OLLAMA_"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not OLLAMA_NAME=VALUE")
+    return key, value
 
 
 def write_config(path: str, config: dict[str, Any]) -> None:
@@ -75,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpu-mib", type=int, default=8192, help="GPU size of each --nodes node (default 8192)")
     p.add_argument("--load-delay", type=float, default=0.0, metavar="S", help="seconds each model load takes")
+    p.add_argument(
+        "--ollama-version",
+        default="0.12.6",
+        metavar="V",
+        help="the Ollama each --nodes node is (default 0.12.6)",
+    )
+    p.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="OLLAMA_X=V",
+        help="an OLLAMA_* setting of the --nodes nodes (repeatable)",
+    )
     p.add_argument("--write-config", metavar="PATH", help="write a gpu-router YAML config for these nodes")
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p
@@ -92,7 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.nodes:
             cluster = load_test_cluster(
-                args.nodes, port_base=args.port_base, gpu_mib=args.gpu_mib, load_delay_s=args.load_delay
+                args.nodes,
+                port_base=args.port_base,
+                gpu_mib=args.gpu_mib,
+                load_delay_s=args.load_delay,
+                version=args.ollama_version,
+                env=dict(args.env),
             )
             priority: Sequence[str] = LOAD_TEST_PRIORITY
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import timedelta
+from types import MappingProxyType
 
 from builders import NOW, cluster, config, gib, loaded, needs, node
 from hypothesis import given, settings
@@ -355,3 +356,38 @@ def test_an_unhealthy_gpu_gets_nothing_and_its_priority_models_fail_over():
     )
     p = plan(cluster(two), config(M), needs=needs(m__latest=3))
     assert [(a.node, a.gpus) for a in p.actions] == [("c", (1,))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(clusters(), st.integers(1, 3))
+def test_never_plans_more_models_on_a_node_than_its_ollama_keeps(case, limit):
+    # Past OLLAMA_MAX_LOADED_MODELS Ollama evicts a model of its own choosing (pinned ones too) and
+    # the daemon would flap: a plan never takes a node over it (a node a client already took over
+    # it is never made worse).
+    state, cfg, sizes = case
+    cfg = replace(cfg, ollama_env=MappingProxyType({"OLLAMA_MAX_LOADED_MODELS": limit}))
+    p = plan(state, cfg, needs=sizes)
+    for n in state.nodes:
+        loads = {a.model for a in p.actions if a.node == n.name and a.kind is ActionKind.LOAD}
+        unloads = {a.model for a in p.actions if a.node == n.name and a.kind is ActionKind.UNLOAD}
+        if not loads:
+            continue
+        after = ({m.name for m in n.loaded} - unloads) | loads
+        assert len(after) <= max(limit, len(n.loaded))
+
+
+def test_a_node_at_its_max_loaded_models_needs_an_allowed_unload():
+    full = node(
+        "a",
+        (24,),
+        loaded_models=(loaded("x:latest", 1), loaded("y:latest", 1, pinned=True)),
+        installed={M: 2},
+    )
+    cfg = replace(config(M), ollama_env=MappingProxyType({"OLLAMA_MAX_LOADED_MODELS": 2}))
+    # idle policy: x (finite keep_alive) may go, so it is unloaded first, on purpose.
+    p = plan(cluster(full), cfg, needs=needs(m__latest=3))
+    assert actions(p) == [("unload", "a", "x:latest"), ("load", "a", M)]
+    # never: Ollama would evict one itself, so the node is given up, with the reason.
+    p = plan(cluster(full), replace(cfg, evict="never"), needs=needs(m__latest=3))
+    assert p.actions == ()
+    assert "OLLAMA_MAX_LOADED_MODELS" in p.model(M).fits[0].reason

@@ -12,7 +12,7 @@ from builders import FOREVER, NOW, cluster, config, gib, node
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_router.config import Config, GpuSpec, NodeConfig
+from gpu_router.config import Config, GpuSpec, NodeConfig, PriorityModel
 from gpu_router.memory import NodeProfile, OllamaEnv, estimate_memory, need_from_observed
 from gpu_router.ollama import parse_show
 from gpu_router.sizing import GPU_MINIMUM_BYTES, Sizer, SizeSource, file_estimate, size_key
@@ -204,3 +204,44 @@ def test_expiry_does_not_matter_to_sizing() -> None:
     seen = mistral_node("seen", (8,), "0.12.6", loaded=(finite,))
     twin = mistral_node("twin", (8,), "0.12.6")
     assert Sizer(cluster(seen, twin), cfg("seen", "twin")).need(MODEL, "twin").source is SizeSource.OBSERVED
+
+
+def test_the_planner_predicts_ollamas_own_pre_load_eviction_on_v030() -> None:
+    # From v0.30 Ollama weighs file + f16 KV + batch surcharge against 80% of the free VRAM before
+    # loading, and evicts other models (pinned ones too) when that fails, even if the model would
+    # fit. The plan must unload what policy allows itself, or give the node up: never call it "fits".
+    from gpu_router.planner import ActionKind, Verdict, plan
+    from gpu_router.state import Gpu, GpuReading, VramSource
+
+    probe = mistral_node("a", (24,), "0.30.0")
+    est = Sizer(cluster(probe), cfg("a")).need(MODEL, "a")
+    assert est.memory is not None
+    assert est.need_bytes is not None
+    assert est.preload_bytes is not None
+    # Free VRAM just above the need, yet under preload / 0.8: fits by size, fails Ollama's check.
+    free = max(est.need_bytes + 2**20, est.preload_bytes * 100 // 80 - 2**26)
+    assert free >= est.need_bytes
+    assert est.preload_bytes > free * 80 // 100
+    total = gib(24)
+    other = LoadedModel("x:latest", total - free, total - free, "e" * 64, NOW + timedelta(minutes=5), 4096)
+    busy = replace(
+        probe, loaded=(other,), gpu=GpuReading(VramSource.NVML, (Gpu(0, "GPU0", total, total - free, free),))
+    )
+    busy = replace(busy, installed=(*busy.installed, InstalledModel("x:latest", 2**30, "e" * 64)))
+    config_ = replace(cfg("a"), priority_models=(PriorityModel(MODEL),), vram_safety_margin=1.0)
+    p = plan(cluster(busy), config_)
+    assert [(a.kind, a.model) for a in p.actions] == [
+        (ActionKind.UNLOAD, "x:latest"),
+        (ActionKind.LOAD, MODEL),
+    ]
+    p = plan(cluster(busy), replace(config_, evict="never"))
+    assert p.actions == ()
+    fit = p.model(MODEL).fits[0]
+    assert fit.verdict is Verdict.NO_ROOM
+    assert "pre-load check" in fit.reason
+    # An older node has no such check: the same room is a plain fit there.
+    old = replace(busy, version="0.12.6")
+    assert [a.kind for a in plan(cluster(old), replace(config_, evict="never")).actions] in (
+        [ActionKind.LOAD],
+        [],
+    )

@@ -27,7 +27,7 @@ from gpu_router.systemd import setup_logging
 # Only what every command needs is imported here: --help, --version and --check-config must start
 # fast and never load an HTTP client, rich, psutil or NVML. Commands import what they use.
 if TYPE_CHECKING:
-    from gpu_router.report import Json, Table
+    from gpu_router.report import Json, ModelRow, Report, Table
 
 log = logging.getLogger("gpu_router.cli")
 
@@ -142,7 +142,7 @@ def _emit(tables: list[Table], data: Json, args: argparse.Namespace, out: TextIO
         render(tables, out, rich=_is_tty(out), footer=footer)
 
 
-def _report(config: Config) -> Json:
+def _report(config: Config) -> Report:
     from gpu_router.observe import observe_once
     from gpu_router.planner import plan
     from gpu_router.report import build_report
@@ -158,8 +158,8 @@ def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
     if args.textfile:
         return cmd_report_textfile(config, args, out)
-    data = _report(config)
-    _emit(report_tables(data), data, args, out, footer=summary_line(data))
+    report = _report(config)
+    _emit(report_tables(report), report.to_json(), args, out, footer=summary_line(report))
     return EX_OK
 
 
@@ -179,15 +179,15 @@ def cmd_report_textfile(config: Config, args: argparse.Namespace, out: TextIO) -
     except OSError as exc:
         print(f"gpu-router: cannot write {args.textfile}: {exc.strerror or exc}", file=sys.stderr)
         return EX_FAIL
-    data = snap.report
-    _emit(report_tables(data), data, args, out, footer=summary_line(data))
+    report = snap.report
+    _emit(report_tables(report), report.to_json(), args, out, footer=summary_line(report))
     return EX_OK
 
 
-def _find_model(data: Json, model: str) -> Json | None:
-    """The report's entry for ``model``, or None after saying so on stderr."""
+def _find_model(report: Report, model: str) -> ModelRow | None:
+    """The report's row for ``model``, or None after saying so on stderr."""
     name = normalize_model_name(model)
-    found = next((m for m in data["models"] if m["model"] == name), None)
+    found = report.model(name)
     if found is None:
         print(f"gpu-router: model {name!r} is not installed on any node that is up", file=sys.stderr)
     return found
@@ -195,22 +195,21 @@ def _find_model(data: Json, model: str) -> Json | None:
 
 def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``route MODEL``: the decision and every node's verdict."""
-    from gpu_router.report import Table, gib
+    from gpu_router.report import Table, gib, to_json
 
-    data = _report(config)
-    m = _find_model(data, args.model)
+    m = _find_model(_report(config), args.model)
     if m is None:
         return EX_FAIL
-    d = m["decision"]
-    rows = tuple((f["node"], "yes" if f["fits"] else "no", f["verdict"], f["reason"]) for f in m["fits"])
-    title = f"{m['model']}: {d['placement'].upper()}" + (f" on {d['node']}" if d["node"] else "")
+    d = m.decision
+    rows = tuple((f.node, "yes" if f.fits else "no", f.verdict, f.reason) for f in m.fits)
+    title = f"{m.model}: {d.placement.upper()}" + (f" on {d.node}" if d.node else "")
     table = Table(
         title,
         ("NODE", "FITS", "VERDICT", "REASON"),
         rows,
-        note=f"needs {gib(m['need_bytes'])} ({m['size_source']}: {m['size_detail']}); {d['reason']}",
+        note=f"needs {gib(m.need_bytes)} ({m.size_source}: {m.size_detail}); {d.reason}",
     )
-    _emit([table], m, args, out)
+    _emit([table], to_json(m), args, out)
     return EX_OK
 
 
@@ -218,49 +217,47 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``check MODEL``: which nodes fit it on GPU, with the numbers."""
     from gpu_router.report import Table, gib
 
-    data = _report(config)
-    m = _find_model(data, args.model)
+    report = _report(config)
+    m = _find_model(report, args.model)
     if m is None:
         return EX_FAIL
-    nodes = {n["name"]: n for n in data["nodes"]}
-    rows = []
-    for f in m["fits"]:
-        n = nodes[f["node"]]
-        rows.append(
-            (
-                f["node"],
-                "yes" if f["fits"] else "no",
-                gib(f["need_bytes"]),
-                gib(n["usable_vram_bytes"]),
-                gib(n["free_vram_bytes"]),
-                f["reason"],
-            )
+    nodes = {n.name: n for n in report.nodes}
+    rows = tuple(
+        (
+            f.node,
+            "yes" if f.fits else "no",
+            gib(f.need_bytes),
+            gib(nodes[f.node].usable_vram_bytes),
+            gib(nodes[f.node].free_vram_bytes),
+            f.reason,
         )
-    fitting = [f["node"] for f in m["fits"] if f["fits"]]
+        for f in m.fits
+    )
+    fitting = [f.node for f in m.fits if f.fits]
     result = {
-        "model": m["model"],
-        "need_bytes": m["need_bytes"],
-        "size_source": m["size_source"],
+        "model": m.model,
+        "need_bytes": m.need_bytes,
+        "size_source": m.size_source,
         "fits_on": fitting,
         "nodes": [
             {
-                "node": f["node"],
-                "fits": f["fits"],
-                "verdict": f["verdict"],
-                "reason": f["reason"],
-                "need_bytes": f["need_bytes"],
-                "context_length": f["context_length"],
-                "era": f["era"],
-                "usable_vram_bytes": nodes[f["node"]]["usable_vram_bytes"],
-                "free_vram_bytes": nodes[f["node"]]["free_vram_bytes"],
+                "node": f.node,
+                "fits": f.fits,
+                "verdict": f.verdict,
+                "reason": f.reason,
+                "need_bytes": f.need_bytes,
+                "context_length": f.context_length,
+                "era": f.era,
+                "usable_vram_bytes": nodes[f.node].usable_vram_bytes,
+                "free_vram_bytes": nodes[f.node].free_vram_bytes,
             }
-            for f in m["fits"]
+            for f in m.fits
         ],
     }
     table = Table(
-        f"{m['model']} fits on GPU on: {', '.join(fitting) or 'no node'}",
+        f"{m.model} fits on GPU on: {', '.join(fitting) or 'no node'}",
         ("NODE", "FITS", "NEEDS", "USABLE", "FREE", "REASON"),
-        tuple(rows),
+        rows,
     )
     _emit([table], result, args, out)
     return EX_OK
@@ -351,25 +348,25 @@ def cmd_explain(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_models(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``models``: every model known in the cluster."""
-    from gpu_router.report import Table, gib, model_table
+    from gpu_router.report import Table, gib, model_table, to_json
 
-    data = _report(config)
+    report = _report(config)
     rows = tuple(
         (
-            m["model"],
-            "yes" if m["priority"] else "",
-            ",".join(m["installed_on"]) or "-",
-            gib(m["file_bytes"]),
-            gib(m["need_bytes"]),
-            m["size_source"],
-            ",".join(m["capabilities"] or []) or "?",
+            m.model,
+            "yes" if m.priority else "",
+            ",".join(m.installed_on) or "-",
+            gib(m.file_bytes),
+            gib(m.need_bytes),
+            m.size_source,
+            ",".join(m.capabilities or ()) or "?",
         )
-        for m in data["models"]
+        for m in report.models
     )
     table = Table(
         "Models", ("MODEL", "PRIO", "INSTALLED ON", "ON DISK", "VRAM NEEDED", "SOURCE", "CAPABILITIES"), rows
     )
-    _emit([table, model_table(data)], {"models": data["models"]}, args, out)
+    _emit([table, model_table(report)], {"models": [to_json(m) for m in report.models]}, args, out)
     return EX_OK
 
 
@@ -430,7 +427,15 @@ def daemon_tables(d: Json) -> list[Table]:
 def cmd_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``status``: the running daemon's view. 0 all priority models on GPU, 1 some not, 3 no daemon."""
     from gpu_router.apiclient import DaemonUnreachable, call_daemon
-    from gpu_router.report import action_table, model_table, node_tables, render, summary_line, write_json
+    from gpu_router.report import (
+        Report,
+        action_table,
+        model_table,
+        node_tables,
+        render,
+        summary_line,
+        write_json,
+    )
 
     try:
         code, data = call_daemon(config, "GET", "/api/v1/status", timeout_s=config.request_timeout_s)
@@ -447,11 +452,16 @@ def cmd_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         write_json(data, out)
     else:
-        tables = [*daemon_tables(data["daemon"]), *node_tables(data), model_table(data)]
-        planned = action_table(data, "Actions planned at the last reconcile")
+        try:
+            report = Report.from_json(data)
+        except ValueError as exc:
+            print(f"gpu-router: the daemon's answer is not a status report ({exc})", file=sys.stderr)
+            return EX_NO_DAEMON
+        tables = [*daemon_tables(data["daemon"]), *node_tables(report), model_table(report)]
+        planned = action_table(report, "Actions planned at the last reconcile")
         if planned is not None:
             tables.append(planned)
-        footer = summary_line(data)
+        footer = summary_line(report)
         if not data["daemon"]["reconciles"]:
             footer = "no reconcile has finished yet"
         render(tables, out, rich=_is_tty(out), footer=footer)

@@ -36,7 +36,7 @@ def run_demo(*, serve: bool, as_json: bool, out: TextIO, rich: bool) -> int:
         state = observe_once(config)
         data = build_report(state, plan(state, config))
         if as_json:
-            write_json(data, out)
+            write_json(data.to_json(), out)
         else:
             render(report_tables(data), out, rich=rich, footer=summary_line(data))
         if serve:

@@ -1,12 +1,17 @@
-"""The report: built as plain data from (state, plan), then rendered.
+"""The report: built once as typed data from (state, plan), then rendered.
 
-``build_report`` gives one JSON-ready dict, the single source of every rendering: rich tables on
-a terminal, aligned plain text in a pipe, or the dict itself as JSON for scripts.
+:func:`build_report` gives a :class:`Report` of frozen records, the single source of every
+rendering: rich tables on a terminal, aligned plain text in a pipe, or :meth:`Report.to_json` for
+scripts (the ``--json`` contract). ``route``, ``check``, ``models`` and ``explain`` read it typed;
+``status`` turns the daemon's JSON back into the same records with :meth:`Report.from_json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,145 +19,351 @@ from typing import Any, TextIO
 
 from gpu_router import __version__
 from gpu_router.gpus.kinds import source_label
-from gpu_router.planner import Fit, ModelPlan, Plan, Verdict, is_pinned, priority_on_gpu
+from gpu_router.planner import ActionKind, Fit, ModelPlan, Plan, Verdict, is_pinned, priority_on_gpu
 from gpu_router.state import GIB, MIB, ClusterState
 
 Json = dict[str, Any]
 
 
-def _iso(ts: datetime | None) -> str | None:
-    return ts.isoformat() if ts is not None else None
+@dataclass(frozen=True)
+class GpuRow:
+    """One GPU of a node."""
+
+    index: int
+    name: str
+    uuid: str
+    total_bytes: int
+    used_bytes: int | None
+    free_bytes: int | None
+    usable_bytes: int | None
+    pci_bus_id: str = ""
+    integrated: bool = False
+    utilization_ratio: float | None = None
+    temperature_c: float | None = None
+    healthy: bool = True
+    health_reason: str = ""
 
 
-def _fit_json(f: Fit, m: ModelPlan) -> Json:
+@dataclass(frozen=True)
+class LoadedRow:
+    """One /api/ps entry of a node."""
+
+    model: str
+    size_bytes: int
+    vram_bytes: int
+    processor: str
+    processor_label: str
+    context_length: int | None
+    expires_at: datetime | None
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One node: its state, its GPUs, what is loaded and installed."""
+
+    name: str
+    url: str
+    status: str
+    error: str | None
+    version: str | None
+    vram_source: str
+    vram_source_detail: str
+    vram_error: str | None
+    gpus: tuple[GpuRow, ...]
+    usable_vram_bytes: int | None
+    free_vram_bytes: int | None
+    loaded: tuple[LoadedRow, ...]
+    installed: tuple[str, ...]
+    poll_s: float
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One node's verdict on one model, with the need there."""
+
+    node: str
+    fits: bool
+    verdict: str
+    reason: str
+    gpus: tuple[int, ...]
+    evict: tuple[str, ...]
+    need_bytes: int | None
+    size_source: str
+    context_length: int | None
+    era: str | None
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """Where a model should run and why."""
+
+    placement: str
+    node: str | None
+    nodes: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """Everything decided about one model."""
+
+    model: str
+    priority: bool
+    need_bytes: int | None
+    size_source: str
+    size_detail: str
+    context_length: int | None
+    capabilities: tuple[str, ...] | None
+    file_bytes: int | None
+    installed_on: tuple[str, ...]
+    decision: DecisionRow
+    era: str | None
+    fits: tuple[FitRow, ...]
+    replicas_wanted: int | None = None  # priority models only (absent from the JSON otherwise)
+    replicas_on_gpu: int | None = None
+
+    def fit(self, node: str) -> FitRow | None:
+        """The verdict of ``node``."""
+        return next((f for f in self.fits if f.node == node), None)
+
+
+@dataclass(frozen=True)
+class ActionRow:
+    """One request acting on the plan would send."""
+
+    action: str
+    node: str
+    model: str
+    reason: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The counts of the report's footer and of ``systemctl status``."""
+
+    nodes: int
+    nodes_up: int
+    nodes_down: tuple[str, ...]
+    priority_models: int
+    priority_models_on_gpu: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """The whole report, typed."""
+
+    version: str
+    observed_at: datetime | None
+    summary: Summary
+    nodes: tuple[NodeRow, ...]
+    models: tuple[ModelRow, ...]
+    actions: tuple[ActionRow, ...]
+
+    def model(self, name: str) -> ModelRow | None:
+        """The row of ``name``."""
+        return next((m for m in self.models if m.model == name), None)
+
+    def node(self, name: str) -> NodeRow | None:
+        """The row of node ``name``."""
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def to_json(self) -> Json:
+        """The ``--json`` document."""
+        out = _to_json(self)
+        assert isinstance(out, dict)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Json) -> Report:
+        """The records back from :meth:`to_json`'s document (the daemon's ``/api/v1/status``).
+
+        Raises ValueError when the document does not have the report's shape.
+        """
+        try:
+            out = _from_json(cls, data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a gpu-router report: {exc}") from None
+        assert isinstance(out, Report)
+        return out
+
+
+def to_json(row: object) -> Json:
+    """One record (a model row, say) as its part of the ``--json`` document."""
+    out = _to_json(row)
+    assert isinstance(out, dict)
+    return out
+
+
+def _to_json(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is None and f.name in ("replicas_wanted", "replicas_on_gpu"):
+                continue  # only priority models have them
+            out[f.name] = _to_json(v)
+        return out
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _from_json(hint: Any, data: object) -> object:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _from_json(inner, data)
+    if origin is tuple:
+        if not isinstance(data, list):
+            raise TypeError(f"expected a list, got {type(data).__name__}")
+        return tuple(_from_json(args[0], v) for v in data)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object for {hint.__name__}, got {type(data).__name__}")
+        hints = typing.get_type_hints(hint)
+        fields = {f.name: f for f in dataclasses.fields(hint)}
+        kwargs = {}
+        for name, f in fields.items():
+            if name in data:
+                kwargs[name] = _from_json(hints[name], data[name])
+            elif f.default is dataclasses.MISSING:
+                raise KeyError(f"{hint.__name__}.{name}")
+        return hint(**kwargs)
+    if hint is datetime:
+        if not isinstance(data, str):
+            raise TypeError("expected a timestamp")
+        return datetime.fromisoformat(data)
+    if hint is float and isinstance(data, int) and not isinstance(data, bool):
+        return float(data)
+    if isinstance(hint, type) and not isinstance(data, hint):
+        raise TypeError(f"expected {hint.__name__}, got {type(data).__name__}")
+    return data
+
+
+def _fit_row(f: Fit, m: ModelPlan) -> FitRow:
     need = m.need_on(f.node)
-    return {
-        "node": f.node,
-        "fits": f.fits,
-        "verdict": f.verdict.value,
-        "reason": f.reason,
-        "gpus": list(f.gpus),
-        "evict": list(f.evict),
-        "need_bytes": need.need_bytes,
-        "size_source": need.source.value,
-        "context_length": need.context_length,
-        "era": need.era,
-    }
+    return FitRow(
+        node=f.node,
+        fits=f.fits,
+        verdict=f.verdict.value,
+        reason=f.reason,
+        gpus=tuple(f.gpus),
+        evict=tuple(f.evict),
+        need_bytes=need.need_bytes,
+        size_source=need.source.value,
+        context_length=need.context_length,
+        era=need.era,
+    )
 
 
-def _model_json(m: ModelPlan, state: ClusterState) -> Json:
+def _model_row(m: ModelPlan, state: ClusterState) -> ModelRow:
     installed = {}
     for n in state.nodes:
         inst = n.installed_model(m.model)
         if inst is not None:
             installed[n.name] = inst.size_bytes
     info = state.model_info(m.model)
-    out: Json = {
-        "model": m.model,
-        "priority": m.priority,
-        "need_bytes": m.need.need_bytes,
-        "size_source": m.need.source.value,
-        "size_detail": m.need.detail,
-        "context_length": m.need.context_length,
-        "capabilities": list(info.capabilities) if info else None,
-        "file_bytes": max(installed.values()) if installed else None,
-        "installed_on": sorted(installed),
-        "decision": {
-            "placement": m.decision.placement.value,
-            "node": m.decision.node,
-            "nodes": list(m.decision.nodes),
-            "reason": m.decision.reason,
-        },
-        "era": m.need.era,
-        "fits": [_fit_json(f, m) for f in m.fits],
-    }
-    if m.priority:
-        out["replicas_wanted"] = m.replicas_wanted
-        out["replicas_on_gpu"] = m.replicas_on_gpu
-    return out
+    d = m.decision
+    return ModelRow(
+        model=m.model,
+        priority=m.priority,
+        need_bytes=m.need.need_bytes,
+        size_source=m.need.source.value,
+        size_detail=m.need.detail,
+        context_length=m.need.context_length,
+        capabilities=tuple(info.capabilities) if info else None,
+        file_bytes=max(installed.values()) if installed else None,
+        installed_on=tuple(sorted(installed)),
+        decision=DecisionRow(d.placement.value, d.node, tuple(d.nodes), d.reason),
+        era=m.need.era,
+        fits=tuple(_fit_row(f, m) for f in m.fits),
+        replicas_wanted=m.replicas_wanted if m.priority else None,
+        replicas_on_gpu=m.replicas_on_gpu if m.priority else None,
+    )
 
 
-def build_report(state: ClusterState, plan: Plan) -> Json:
-    """Everything the report shows, as JSON-ready data."""
+def _node_row(n: Any, cap: Any, observed_at: datetime | None) -> NodeRow:
+    usable = {g.index: g for g in cap.gpus}
+    return NodeRow(
+        name=n.name,
+        url=n.url,
+        status=n.status.value,
+        error=n.error,
+        version=n.version,
+        vram_source=n.gpu.source.value,
+        vram_source_detail=source_label(n.gpu.source, n.gpu.detail),
+        vram_error=n.gpu.error,
+        gpus=tuple(
+            GpuRow(
+                index=g.index,
+                name=g.name,
+                uuid=g.uuid,
+                total_bytes=g.total_bytes,
+                used_bytes=g.used_bytes,
+                free_bytes=g.free_bytes,
+                usable_bytes=usable[g.index].usable_bytes if g.index in usable else None,
+                pci_bus_id=g.pci_bus_id,
+                integrated=g.integrated,
+                utilization_ratio=g.utilization_ratio,
+                temperature_c=g.temperature_c,
+                healthy=g.healthy,
+                health_reason=g.health_reason,
+            )
+            for g in n.gpu.gpus
+        ),
+        usable_vram_bytes=cap.usable_bytes,
+        free_vram_bytes=cap.free_bytes,
+        loaded=tuple(
+            LoadedRow(
+                model=m.name,
+                size_bytes=m.size_bytes,
+                vram_bytes=m.vram_bytes,
+                processor=m.processor.value,
+                processor_label=m.processor_label,
+                context_length=m.context_length,
+                expires_at=m.expires_at,
+                pinned=is_pinned(m, observed_at),
+            )
+            for m in n.loaded
+        ),
+        installed=tuple(m.name for m in n.installed),
+        poll_s=round(n.poll_s, 4),
+    )
+
+
+def _endpoint(kind: ActionKind, embedding: bool) -> str:
+    if kind is ActionKind.UNLOAD:
+        return "/api/generate"
+    return "/api/embed" if embedding else "/api/generate"
+
+
+def build_report(state: ClusterState, plan: Plan) -> Report:
+    """Everything the report shows, typed."""
     caps = {c.node: c for c in plan.nodes}
-    nodes = []
-    for n in state.nodes:
-        cap = caps[n.name]
-        usable = {g.index: g for g in cap.gpus}
-        nodes.append(
-            {
-                "name": n.name,
-                "url": n.url,
-                "status": n.status.value,
-                "error": n.error,
-                "version": n.version,
-                "vram_source": n.gpu.source.value,
-                "vram_source_detail": source_label(n.gpu.source, n.gpu.detail),
-                "vram_error": n.gpu.error,
-                "gpus": [
-                    {
-                        "index": g.index,
-                        "name": g.name,
-                        "uuid": g.uuid,
-                        "total_bytes": g.total_bytes,
-                        "used_bytes": g.used_bytes,
-                        "free_bytes": g.free_bytes,
-                        "usable_bytes": usable[g.index].usable_bytes if g.index in usable else None,
-                        "pci_bus_id": g.pci_bus_id,
-                        "integrated": g.integrated,
-                        "utilization_ratio": g.utilization_ratio,
-                        "temperature_c": g.temperature_c,
-                        "healthy": g.healthy,
-                        "health_reason": g.health_reason,
-                    }
-                    for g in n.gpu.gpus
-                ],
-                "usable_vram_bytes": cap.usable_bytes,
-                "free_vram_bytes": cap.free_bytes,
-                "loaded": [
-                    {
-                        "model": m.name,
-                        "size_bytes": m.size_bytes,
-                        "vram_bytes": m.vram_bytes,
-                        "processor": m.processor.value,
-                        "processor_label": m.processor_label,
-                        "context_length": m.context_length,
-                        "expires_at": _iso(m.expires_at),
-                        "pinned": is_pinned(m, state.observed_at),
-                    }
-                    for m in n.loaded
-                ],
-                "installed": [m.name for m in n.installed],
-                "poll_s": round(n.poll_s, 4),
-            }
-        )
-    models = [_model_json(m, state) for m in plan.models]
     on_gpu, priority = priority_on_gpu(plan)
-    return {
-        "version": __version__,
-        "observed_at": _iso(state.observed_at),
-        "summary": {
-            "nodes": len(state.nodes),
-            "nodes_up": sum(1 for n in state.nodes if n.up),
-            "nodes_down": [n.name for n in state.nodes if not n.up],
-            "priority_models": priority,
-            "priority_models_on_gpu": on_gpu,
-        },
-        "nodes": nodes,
-        "models": models,
-        "actions": [
-            {
-                "action": a.kind.value,
-                "node": a.node,
-                "model": a.model,
-                "reason": a.reason,
-                "endpoint": ("/api/embed" if a.embedding else "/api/generate")
-                if a.kind.value == "load"
-                else "/api/generate",
-            }
+    return Report(
+        version=__version__,
+        observed_at=state.observed_at,
+        summary=Summary(
+            nodes=len(state.nodes),
+            nodes_up=sum(1 for n in state.nodes if n.up),
+            nodes_down=tuple(n.name for n in state.nodes if not n.up),
+            priority_models=priority,
+            priority_models_on_gpu=on_gpu,
+        ),
+        nodes=tuple(_node_row(n, caps[n.name], state.observed_at) for n in state.nodes),
+        models=tuple(_model_row(m, state) for m in plan.models),
+        actions=tuple(
+            ActionRow(a.kind.value, a.node, a.model, a.reason, _endpoint(a.kind, a.embedding))
             for a in plan.actions
-        ],
-    }
+        ),
+    )
 
 
 # Rendering
@@ -197,56 +408,53 @@ _VERDICT_SHORT = {
 MATRIX_MAX_NODES = 8
 
 
-def _gpu_cell(g: Json) -> str:
+def _gpu_cell(g: GpuRow) -> str:
     """``0: NVIDIA L4 22.5 GiB (37% busy, 61 C)``; an unhealthy GPU says so and why."""
-    size = "?" if not g["healthy"] and not g["total_bytes"] else gib(g["total_bytes"])
+    size = "?" if not g.healthy and not g.total_bytes else gib(g.total_bytes)
     extras = []
-    if not g["healthy"]:
-        extras.append(f"UNHEALTHY: {g['health_reason'] or 'no reason given'}")
-    if g["integrated"]:
+    if not g.healthy:
+        extras.append(f"UNHEALTHY: {g.health_reason or 'no reason given'}")
+    if g.integrated:
         extras.append("integrated")
-    if g["utilization_ratio"] is not None:
-        extras.append(f"{g['utilization_ratio'] * 100:.0f}% busy")
-    if g["temperature_c"] is not None:
-        extras.append(f"{g['temperature_c']:.0f} C")
-    return f"{g['index']}: {g['name']} {size}" + (f" ({', '.join(extras)})" if extras else "")
+    if g.utilization_ratio is not None:
+        extras.append(f"{g.utilization_ratio * 100:.0f}% busy")
+    if g.temperature_c is not None:
+        extras.append(f"{g.temperature_c:.0f} C")
+    return f"{g.index}: {g.name} {size}" + (f" ({', '.join(extras)})" if extras else "")
 
 
-def node_tables(report: Json) -> list[Table]:
+def node_tables(report: Report) -> list[Table]:
     """The nodes, their GPUs and what is loaded on them."""
     rows = []
-    for n in report["nodes"]:
-        if n["status"] != "up":
+    for n in report.nodes:
+        if n.status != "up":
             gpus = "-"
-        elif n["gpus"]:
-            gpus = "; ".join(_gpu_cell(g) for g in n["gpus"])
+        elif n.gpus:
+            gpus = "; ".join(_gpu_cell(g) for g in n.gpus)
         else:
-            gpus = "none" if n["vram_source"] == "none" else f"unknown ({n['vram_error'] or 'no source'})"
+            gpus = "none" if n.vram_source == "none" else f"unknown ({n.vram_error or 'no source'})"
         rows.append(
             (
-                n["name"],
-                n["status"] if n["status"] == "up" else f"{n['status']}: {n['error']}",
-                n["vram_source_detail"],
+                n.name,
+                n.status if n.status == "up" else f"{n.status}: {n.error}",
+                n.vram_source_detail,
                 gpus,
-                gib(n["usable_vram_bytes"]) if n["vram_source"] != "none" else "-",
-                gib(n["free_vram_bytes"]) if n["vram_source"] != "none" else "-",
-                str(len(n["loaded"])) if n["status"] == "up" else "-",
+                gib(n.usable_vram_bytes) if n.vram_source != "none" else "-",
+                gib(n.free_vram_bytes) if n.vram_source != "none" else "-",
+                str(len(n.loaded)) if n.status == "up" else "-",
             )
         )
     nodes = Table("Nodes", ("NODE", "STATUS", "SOURCE", "GPUS", "USABLE", "FREE", "LOADED"), tuple(rows))
     loaded = []
-    for n in report["nodes"]:
-        for m in n["loaded"]:
-            until = "forever" if m["pinned"] else (m["expires_at"] or "?")[:19].replace("T", " ")
+    for n in report.nodes:
+        for m in n.loaded:
+            until = (
+                "forever"
+                if m.pinned
+                else (m.expires_at.isoformat() if m.expires_at else "?")[:19].replace("T", " ")
+            )
             loaded.append(
-                (
-                    n["name"],
-                    m["model"],
-                    gib(m["size_bytes"]),
-                    m["processor_label"],
-                    str(m["context_length"] or "-"),
-                    until,
-                )
+                (n.name, m.model, gib(m.size_bytes), m.processor_label, str(m.context_length or "-"), until)
             )
     tables = [nodes]
     if loaded:
@@ -256,49 +464,52 @@ def node_tables(report: Json) -> list[Table]:
     return tables
 
 
-def model_table(report: Json, models: Sequence[Json] | None = None) -> Table:
+def model_table(report: Report, models: Sequence[ModelRow] | None = None) -> Table:
     """One row per model: need, source, decision; a verdict column per node in small clusters."""
-    models = report["models"] if models is None else models
-    node_names = [n["name"] for n in report["nodes"]]
+    rows_of = report.models if models is None else models
+    node_names = [n.name for n in report.nodes]
     matrix = len(node_names) <= MATRIX_MAX_NODES
     headers = ["MODEL", "PRIO", "NEEDS", "SOURCE", "DECISION"]
     if matrix:
         headers += node_names
     headers.append("REASON")
     rows = []
-    for m in models:
-        d = m["decision"]
-        where = d["placement"].upper() + (f" {','.join(d['nodes'])}" if d["nodes"] else "")
-        row = [m["model"], "yes" if m["priority"] else "", gib(m["need_bytes"]), m["size_source"], where]
+    for m in rows_of:
+        d = m.decision
+        where = d.placement.upper() + (f" {','.join(d.nodes)}" if d.nodes else "")
+        row = [m.model, "yes" if m.priority else "", gib(m.need_bytes), m.size_source, where]
         if matrix:
-            by_node = {f["node"]: f for f in m["fits"]}
-            row += [_VERDICT_SHORT.get(by_node[n]["verdict"], by_node[n]["verdict"]) for n in node_names]
-        row.append(d["reason"])
+            by_node = {f.node: f for f in m.fits}
+            row += [
+                _VERDICT_SHORT.get(by_node[n].verdict, by_node[n].verdict) if n in by_node else "?"
+                for n in node_names
+            ]
+        row.append(d.reason)
         rows.append(tuple(row))
     note = "fits* = fits after unloading models that policy allows" if matrix else ""
     return Table("Models", tuple(headers), tuple(rows), note)
 
 
-def action_table(report: Json, title: str = "Actions the daemon would take") -> Table | None:
+def action_table(report: Report, title: str = "Actions the daemon would take") -> Table | None:
     """What acting on the plan would send, or None when nothing."""
-    if not report["actions"]:
+    if not report.actions:
         return None
-    rows = tuple((a["node"], a["action"], a["model"], a["endpoint"], a["reason"]) for a in report["actions"])
+    rows = tuple((a.node, a.action, a.model, a.endpoint, a.reason) for a in report.actions)
     return Table(title, ("NODE", "ACTION", "MODEL", "VIA", "REASON"), rows)
 
 
-def summary_line(report: Json) -> str:
+def summary_line(report: Report) -> str:
     """One line: what ``systemctl status`` and the report's footer say."""
-    s = report["summary"]
-    parts = [f"{s['nodes_up']}/{s['nodes']} nodes up"]
-    if s["priority_models"]:
-        parts.append(f"{s['priority_models_on_gpu']}/{s['priority_models']} priority models on GPU")
-    if s["nodes_down"]:
-        parts.append("down: " + ", ".join(s["nodes_down"]))
+    s = report.summary
+    parts = [f"{s.nodes_up}/{s.nodes} nodes up"]
+    if s.priority_models:
+        parts.append(f"{s.priority_models_on_gpu}/{s.priority_models} priority models on GPU")
+    if s.nodes_down:
+        parts.append("down: " + ", ".join(s.nodes_down))
     return ", ".join(parts)
 
 
-def report_tables(report: Json) -> list[Table]:
+def report_tables(report: Report) -> list[Table]:
     """Every table of the full report, in order."""
     tables = [*node_tables(report), model_table(report)]
     actions = action_table(report)

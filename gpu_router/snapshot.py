@@ -23,7 +23,7 @@ from gpu_router import __version__
 from gpu_router.config import Config
 from gpu_router.executor import ActionResult
 from gpu_router.planner import Action, Placement, Plan
-from gpu_router.report import Json, build_report
+from gpu_router.report import Json, Report, build_report
 from gpu_router.state import ClusterState, Gpu, NodeState, Processor
 
 NODE_STATES = ("up", "degraded", "down")
@@ -246,8 +246,8 @@ class DaemonSnapshot:
     # Built on first use by whichever reader comes first: a snapshot is immutable, so computing
     # twice in a race gives the same answer and costs only the duplicate work.
     @cached_property
-    def report(self) -> Json:
-        """The report's JSON, the same contract as ``--report-only --json``."""
+    def report(self) -> Report:
+        """The report, the same records as ``--report-only`` (``to_json()`` is its ``--json``)."""
         plan = self.every_model
         if self.state is None or plan is None:
             # Before the first reconcile, or between a reload and the reconcile that follows it.
@@ -325,7 +325,7 @@ class DaemonSnapshot:
 
     def status_json(self, now: datetime | None = None) -> Json:
         """``/api/v1/status``: the report's JSON plus ``daemon``."""
-        return {**self.report, "daemon": self.daemon_json(now)}
+        return {**self.report.to_json(), "daemon": self.daemon_json(now)}
 
 
 # --------------------------------------------------------------------------- counters

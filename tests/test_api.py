@@ -117,7 +117,7 @@ def test_status_is_the_report_contract_plus_daemon_fields(served) -> None:  # ty
     assert snap.state is not None
     assert snap.plan is not None
     report = build_report(snap.state, snap.plan)
-    assert {k: v for k, v in body.items() if k != "daemon"} == report
+    assert {k: v for k, v in body.items() if k != "daemon"} == report.to_json()
     d = body["daemon"]
     assert d["reconciles"] == 1
     assert d["priority_models"] == 2

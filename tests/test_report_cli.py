@@ -430,3 +430,24 @@ def test_version_is_asked_once_and_again_after_the_node_was_down(tmp_path: Path)
             assert versions() == 2
         finally:
             obs.close()
+
+
+def test_the_json_turns_back_into_the_same_typed_report(cluster: EmulatedCluster, config_path: Path) -> None:
+    # `status` reads the daemon's JSON back into the records the tables are drawn from.
+    from gpu_router.report import Report
+
+    config = load_config(config_path)
+    obs = Observer(config)
+    try:
+        state = obs.observe()
+    finally:
+        obs.close()
+    report = build_report(state, plan(state, config))
+    doc = json.loads(json.dumps(report.to_json()))
+    assert Report.from_json(doc) == report
+    assert "replicas_wanted" in next(m for m in doc["models"] if m["priority"])
+    assert "replicas_wanted" not in next(m for m in doc["models"] if not m["priority"])
+    with pytest.raises(ValueError, match="not a gpu-router report"):
+        Report.from_json({"version": "x"})
+    with pytest.raises(ValueError, match="not a gpu-router report"):
+        Report.from_json({**doc, "nodes": [{"name": 3}]})

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from builders import cluster, config, node
 
 from gpu_router.planner import plan
-from gpu_router.report import build_report, node_tables
+from gpu_router.report import Report, build_report, node_tables
 from gpu_router.state import GIB, Gpu, GpuReading, VramSource
 
 
-def report_for(reading: GpuReading) -> dict[str, Any]:
+def report_for(reading: GpuReading) -> Report:
     state = cluster(dataclasses.replace(node("n1"), gpu=reading))
     return build_report(state, plan(state, config()))
 
 
-def nodes_row(report: dict[str, Any]) -> tuple[str, ...]:
+def nodes_row(report: Report) -> tuple[str, ...]:
     (row,) = node_tables(report)[0].rows
     return row
 
@@ -32,7 +31,7 @@ def test_healthy_gpu_with_figures_and_an_unhealthy_one() -> None:
         ),
     )
     report = report_for(reading)
-    (n,) = report["nodes"]
+    (n,) = report.to_json()["nodes"]
     assert n["vram_source_detail"] == "nvml"
     g0, g1, g2 = n["gpus"]
     assert (g0["utilization_ratio"], g0["temperature_c"], g0["healthy"]) == (0.374, 61.4, True)
@@ -50,7 +49,7 @@ def test_healthy_gpu_with_figures_and_an_unhealthy_one() -> None:
 def test_integrated_amd_gpu_and_the_exporter_that_answered() -> None:
     apu = Gpu(0, "AMD Radeon 8060S", 80 * GIB, GIB, 79 * GIB, integrated=True, pci_bus_id="0000:c5:00.0")
     report = report_for(GpuReading(VramSource.EXPORTER, (apu,), detail="amd-device-metrics-exporter"))
-    (n,) = report["nodes"]
+    (n,) = report.to_json()["nodes"]
     assert (n["vram_source"], n["vram_source_detail"]) == ("exporter", "amd-device-metrics-exporter")
     assert (n["gpus"][0]["integrated"], n["gpus"][0]["pci_bus_id"]) == (True, "0000:c5:00.0")
     row = nodes_row(report)
@@ -59,5 +58,5 @@ def test_integrated_amd_gpu_and_the_exporter_that_answered() -> None:
 
 def test_local_amd_reading_is_labelled_amd_sysfs() -> None:
     report = report_for(GpuReading(VramSource.AMD, (Gpu(0, "AMD GPU 1002:744c", 20 * GIB, 0, 20 * GIB),)))
-    assert report["nodes"][0]["vram_source"] == "amd"
+    assert report.nodes[0].vram_source == "amd"
     assert nodes_row(report)[2:4] == ("amd-sysfs", "0: AMD GPU 1002:744c 20.0 GiB")

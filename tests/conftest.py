@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import MakeNode
+from daemon_helpers import MakeDaemon, MakeNode, write_config
 
+from gpu_router.config import load_config
+from gpu_router.daemon import Daemon
 from gpu_router.emulator import EmulatedNode
+from gpu_router.systemd import Notifier
 
 
 @pytest.fixture
@@ -27,3 +31,30 @@ def make_node() -> Iterator[MakeNode]:
     yield make
     for n in nodes:
         n.stop()
+
+
+@pytest.fixture
+def make_daemon(make_node: MakeNode, tmp_path: Path) -> Iterator[MakeDaemon]:
+    """Write a config for the given nodes and build a Daemon on it; closed at the end, before the nodes."""
+    daemons: list[Daemon] = []
+
+    def make(
+        nodes: list[EmulatedNode],
+        priority: list[Any],
+        *,
+        dry_run: bool = False,
+        clock: Callable[[], float] | None = None,
+        **settings: Any,
+    ) -> Daemon:
+        path = write_config(tmp_path / "config.yaml", nodes, priority, tmp_path / "state", **settings)
+        kwargs: dict[str, Any] = {"notifier": Notifier(environ={}), "dry_run": dry_run}
+        if clock is not None:
+            kwargs["clock"] = clock
+        daemon = Daemon(load_config(path), **kwargs)
+        daemons.append(daemon)
+        return daemon
+
+    yield make
+    for d in daemons:
+        d.executor.stop(0)
+        d.observer.close()

@@ -17,11 +17,14 @@ from typing import Any
 
 import yaml
 
+from gpu_router.daemon import Daemon
 from gpu_router.emulator import EmulatedNode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Builds, starts and registers an emulated node; the make_node fixture (conftest.py) stops them all.
 MakeNode = Callable[..., EmulatedNode]
+# Writes a config for emulated nodes and builds a Daemon on it (the make_daemon fixture, conftest.py).
+MakeDaemon = Callable[..., "Daemon"]
 
 WAIT_S = 15.0  # generous: only there so a broken daemon fails the test instead of hanging it
 
@@ -251,3 +254,28 @@ def run_cli(args: Sequence[str], env: Mapping[str, str] | None = None) -> subpro
         timeout=60,
         check=False,
     )
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, start_s: float = 1000.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+def settle(daemon: Daemon, cycles: int = 1) -> None:
+    """Run ``cycles`` reconciles, each waiting for the actions it started and taking in their results.
+
+    The run loop takes results in on every wake-up; in-process tests have no loop, hence the one
+    private call, which also records failures in the backoff.
+    """
+    for _ in range(cycles):
+        daemon.reconcile()
+        assert daemon.executor.wait_idle(WAIT_S), "actions still in flight"
+        daemon.collect_results()

@@ -8,90 +8,33 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_helpers import (
     WAIT_S,
+    FakeClock,
+    MakeDaemon,
     MakeNode,
     expires_year,
     fully_on_gpu,
     load_requests,
     pinned_on_gpu,
     ps_entry,
+    settle,
     unload_requests,
     wait_until,
-    write_config,
 )
 
-from gpu_router.config import load_config
-from gpu_router.daemon import Daemon
-from gpu_router.emulator import EmulatedNode, Fault
+from gpu_router.emulator import Fault
 from gpu_router.executor import Backoff
 from gpu_router.state import NodeStatus
 from gpu_router.store import SizeStore
-from gpu_router.systemd import Notifier
-
-MakeDaemon = Callable[..., Daemon]
 
 LLAMA32 = "llama3.2:latest"  # 3.1 GiB on GPU at the default context
 EMBED = "nomic-embed-text:latest"  # embedding only: loaded through /api/embed
 LLAMA31 = "llama3.1:8b"  # 6.0 GiB
 QWEN7 = "qwen2.5:7b"  # 5.4 GiB: with llama3.1:8b more than one 8 GiB card holds
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, start_s: float = 1000.0) -> None:
-        self.now_s = start_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-
-@pytest.fixture
-def make_daemon(make_node: MakeNode, tmp_path: Path) -> Iterator[MakeDaemon]:
-    """Write a config for the given nodes and build a Daemon on it; closed at the end, before the nodes."""
-    daemons: list[Daemon] = []
-
-    def make(
-        nodes: list[EmulatedNode],
-        priority: list[Any],
-        *,
-        dry_run: bool = False,
-        clock: Callable[[], float] | None = None,
-        **settings: Any,
-    ) -> Daemon:
-        path = write_config(tmp_path / "config.yaml", nodes, priority, tmp_path / "state", **settings)
-        kwargs: dict[str, Any] = {"notifier": Notifier(environ={}), "dry_run": dry_run}
-        if clock is not None:
-            kwargs["clock"] = clock
-        daemon = Daemon(load_config(path), **kwargs)
-        daemons.append(daemon)
-        return daemon
-
-    yield make
-    for d in daemons:
-        d.executor.stop(0)
-        d.observer.close()
-
-
-def settle(daemon: Daemon, cycles: int = 1) -> None:
-    """Run ``cycles`` reconciles, each waiting for the actions it started and taking in their results.
-
-    The run loop takes results in on every wake-up; in-process tests have no loop, hence the one
-    private call, which also records failures in the backoff.
-    """
-    for _ in range(cycles):
-        daemon.reconcile()
-        assert daemon.executor.wait_idle(WAIT_S), "actions still in flight"
-        daemon.collect_results()
 
 
 # --------------------------------------------------------------------------- 1. load and pin

@@ -8,27 +8,22 @@ whole loop: the plan's need per node, the load it sends, and what the node then 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from daemon_helpers import (
     WAIT_S,
+    MakeDaemon,
     MakeNode,
     expires_year,
     fully_on_gpu,
     load_requests,
     pinned_on_gpu,
     ps_entry,
+    settle,
     wait_until,
-    write_config,
 )
 
-from gpu_router.config import load_config
-from gpu_router.daemon import Daemon
-from gpu_router.emulator import EmulatedNode, Fault
-from gpu_router.systemd import Notifier
+from gpu_router.emulator import Fault
 
 LLAMA31 = "llama3.1:8b"
 LLAMA32 = "llama3.2:latest"
@@ -36,31 +31,8 @@ QWEN7 = "qwen2.5:7b"
 EMBED = "nomic-embed-text:latest"
 
 
-@pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    daemons: list[Daemon] = []
-
-    def make(nodes: list[EmulatedNode], priority: list[Any], **settings: Any) -> Daemon:
-        path = write_config(tmp_path / "config.yaml", nodes, priority, tmp_path / "state", **settings)
-        d = Daemon(load_config(path), notifier=Notifier(environ={}))
-        daemons.append(d)
-        return d
-
-    yield make
-    for d in daemons:
-        d.executor.stop(0)
-        d.observer.close()
-
-
-def settle(daemon: Daemon, cycles: int = 1) -> None:
-    for _ in range(cycles):
-        daemon.reconcile()
-        assert daemon.executor.wait_idle(WAIT_S)
-        daemon.collect_results()
-
-
 def test_a_v016_and_a_v012_node_need_different_sizes_and_both_load_fully_on_gpu(
-    make_node: MakeNode, make_daemon: Callable[..., Daemon]
+    make_node: MakeNode, make_daemon: MakeDaemon
 ) -> None:
     big = make_node("big", (24576,), (LLAMA31,), version="0.16.1")
     small = make_node("small", (8192,), (LLAMA31,), version="0.12.6")
@@ -90,7 +62,7 @@ def test_a_v016_and_a_v012_node_need_different_sizes_and_both_load_fully_on_gpu(
 
 
 def test_a_client_reload_at_another_context_is_pinned_in_place(
-    make_node: MakeNode, make_daemon: Callable[..., Daemon]
+    make_node: MakeNode, make_daemon: MakeDaemon
 ) -> None:
     a = make_node("gpu-a", (24576,), (LLAMA32,), version="0.12.6")
     daemon = make_daemon([a], [LLAMA32])
@@ -114,7 +86,7 @@ def test_a_client_reload_at_another_context_is_pinned_in_place(
 
 
 def test_clients_that_keep_reloading_at_their_context_get_one_warning(
-    make_node: MakeNode, make_daemon: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+    make_node: MakeNode, make_daemon: MakeDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = make_node("gpu-a", (24576,), (LLAMA32,), version="0.12.6")
     daemon = make_daemon([a], [LLAMA32])
@@ -129,7 +101,7 @@ def test_clients_that_keep_reloading_at_their_context_get_one_warning(
 
 
 def test_a_failed_load_on_a_v030_node_that_evicts_everything_is_recovered_within_a_watch(
-    make_node: MakeNode, make_daemon: Callable[..., Daemon]
+    make_node: MakeNode, make_daemon: MakeDaemon
 ) -> None:
     # v0.30: a load that runs out of VRAM makes Ollama evict every other model (pinned ones too)
     # and retry once. The daemon's watch must notice the pins it lost and put them back.

@@ -2,47 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from daemon_helpers import MakeDaemon, MakeNode, load_requests, pinned_on_gpu, settle
 
-import pytest
-from daemon_helpers import WAIT_S, MakeNode, load_requests, pinned_on_gpu, write_config
-
-from gpu_router.config import load_config
-from gpu_router.daemon import Daemon
-from gpu_router.emulator import EmulatedNode
 from gpu_router.planner import Verdict
-from gpu_router.systemd import Notifier
 
 LLAMA32 = "llama3.2:latest"
 EMBED = "nomic-embed-text:latest"
 
 
-@pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    daemons: list[Daemon] = []
-
-    def make(nodes: list[EmulatedNode], priority: list[Any], **settings: Any) -> Daemon:
-        path = write_config(tmp_path / "config.yaml", nodes, priority, tmp_path / "state", **settings)
-        d = Daemon(load_config(path), notifier=Notifier(environ={}))
-        daemons.append(d)
-        return d
-
-    yield make
-    for d in daemons:
-        d.executor.stop(0)
-        d.observer.close()
-
-
-def settle(daemon: Daemon) -> None:
-    daemon.reconcile()
-    assert daemon.executor.wait_idle(WAIT_S)
-    daemon.collect_results()
-
-
 def test_an_xid_error_fails_the_model_over_and_the_gpu_gets_nothing_new(
-    make_node: MakeNode, make_daemon: Callable[..., Daemon]
+    make_node: MakeNode, make_daemon: MakeDaemon
 ) -> None:
     a = make_node("gpu-a", (8192,), (LLAMA32, EMBED))
     b = make_node("gpu-b", (8192,), (LLAMA32, EMBED))

@@ -1,7 +1,8 @@
-"""GGUF tensor arithmetic: bytes per tensor type, tensor sizes and Ollama's layer grouping.
+"""The emulator's tensors: what its catalogue lists in ``/api/show``, and their layer sizes.
 
-Pure: no I/O. The block sizes are ggml's (``ggml/src/ggml.c`` type_traits, as vendored in Ollama's
-``ml/backend/ggml/ggml``); the grouping is ``Tensors.GroupLayers`` in ``fs/ggml/ggml.go@v0.12.10``.
+Pure: no I/O. Bytes per tensor type and Ollama's layer grouping come from the sizing engine
+(:mod:`gpu_router.memory.ggml`, the port of ``fs/ggml/ggml.go``), so the emulator and the daemon
+count a tensor the same way.
 """
 
 from __future__ import annotations
@@ -11,25 +12,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-# type name -> (elements per block, bytes per block)
-GGML_BLOCKS: Mapping[str, tuple[int, int]] = {
-    "F32": (1, 4),
-    "F16": (1, 2),
-    "BF16": (1, 2),
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "Q5_0": (32, 22),
-    "Q5_1": (32, 24),
-    "Q8_0": (32, 34),
-    "Q2_K": (256, 84),
-    "Q3_K": (256, 110),
-    "Q4_K": (256, 144),
-    "Q5_K": (256, 176),
-    "Q6_K": (256, 210),
-    "Q8_K": (256, 292),
-    "IQ4_XS": (256, 136),
-    "MXFP4": (32, 17),
-}
+from gpu_router.memory.ggml import layer_group, tensor_bytes
 
 _BLK = re.compile(r"^blk\.(\d+)$")
 
@@ -49,9 +32,11 @@ class Tensor:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes on disk and in memory (whole blocks)."""
-        per_block, block_bytes = GGML_BLOCKS[self.type]
-        return -(-self.elements // per_block) * block_bytes
+        """Bytes on disk and in memory, as the sizing engine counts them (the same ggml type table)."""
+        size = tensor_bytes(self.type, self.shape)
+        if size is None:
+            raise KeyError(f"unknown tensor type {self.type!r}")
+        return size
 
     def as_json(self) -> dict[str, object]:
         """The ``/api/show`` ``tensors`` entry."""
@@ -69,19 +54,11 @@ def tensors_from_json(items: Iterable[Mapping[str, object]]) -> tuple[Tensor, ..
 
 
 def group_layers(tensors: Iterable[Tensor]) -> dict[str, int]:
-    """Bytes per layer group, grouped as Ollama's ``GroupLayers`` does.
-
-    ``blk.N.*`` -> ``blk.N``; ``mm.N.*`` -> ``mm.N``; ``v.blk.N.*`` -> ``v.blk.N``; anything else by its
-    first dotted part (``token_embd``, ``output``, ``output_norm``, ``v``, ...).
-    """
+    """Bytes per layer group, grouped as Ollama's ``GroupLayers`` does (the engine's ``layer_group``)."""
     groups: dict[str, int] = {}
     for t in tensors:
-        parts = t.name.split(".")
-        for i, part in enumerate(parts):
-            if part in ("blk", "mm") and len(parts) > i + 2:
-                parts = [".".join(parts[: i + 2]), *parts[i + 2 :]]
-                break
-        groups[parts[0]] = groups.get(parts[0], 0) + t.size_bytes
+        key = layer_group(t.name)
+        groups[key] = groups.get(key, 0) + t.size_bytes
     return groups
 
 

@@ -13,20 +13,10 @@ from dataclasses import dataclass
 
 from gpu_router.emulator.catalogue import EmulatorError, ModelSpec
 from gpu_router.emulator.memory import CLASSIC, LLAMA_SERVER, MEASURED
+from gpu_router.memory.env import SIZING_KEYS
 from gpu_router.state import GIB
 
-KNOWN_ENV = (
-    "OLLAMA_CONTEXT_LENGTH",
-    "OLLAMA_NUM_PARALLEL",
-    "OLLAMA_KV_CACHE_TYPE",
-    "OLLAMA_FLASH_ATTENTION",
-    "OLLAMA_GPU_OVERHEAD",
-    "OLLAMA_MAX_LOADED_MODELS",
-    "OLLAMA_SCHED_SPREAD",
-    "OLLAMA_KEEP_ALIVE",
-    "OLLAMA_MAX_QUEUE",
-    "OLLAMA_NEW_ENGINE",
-)
+KNOWN_ENV = (*SIZING_KEYS, "OLLAMA_KEEP_ALIVE", "OLLAMA_MAX_QUEUE", "OLLAMA_NEW_ENGINE")
 
 
 @dataclass(frozen=True, order=True)

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from gpu_router import __version__
 from gpu_router.gpus.kinds import source_label
-from gpu_router.planner import Fit, ModelPlan, Plan, Verdict, is_pinned, priority_on_gpu
+from gpu_router.planner import Action, ActionKind, Fit, ModelPlan, Plan, Verdict, is_pinned, priority_on_gpu
 from gpu_router.state import GIB, MIB, ClusterState
 
 Json = dict[str, Any]
@@ -146,13 +146,19 @@ def build_report(state: ClusterState, plan: Plan) -> Json:
                 "node": a.node,
                 "model": a.model,
                 "reason": a.reason,
-                "endpoint": ("/api/embed" if a.embedding else "/api/generate")
-                if a.kind.value == "load"
-                else "/api/generate",
+                "endpoint": _endpoint(a),
             }
             for a in plan.actions
         ],
     }
+
+
+def _endpoint(a: Action) -> str:
+    if a.kind is ActionKind.PULL:
+        return "/api/pull"
+    if a.kind is ActionKind.LOAD:
+        return "/api/embed" if a.embedding else "/api/generate"
+    return "/api/generate"
 
 
 # Rendering
@@ -192,6 +198,8 @@ _VERDICT_SHORT = {
     Verdict.BACKOFF.value: "backoff",
     Verdict.UNCLEAR.value: "unclear",
     Verdict.GPU_UNHEALTHY.value: "GPU sick",
+    Verdict.PULL.value: "would pull",
+    Verdict.PULLING.value: "pulling",
 }
 
 MATRIX_MAX_NODES = 8

@@ -429,6 +429,7 @@ class Daemon:
             self.backoff.succeeded(a.model, a.node)
             self.observer.refresh_tags({a.node})
             self._reconcile_now.set()  # place it now rather than a full interval later
+            self._wake.set()
         elif r.abandoned:
             log.info("pull %s on %s %s", a.model, a.node, r.detail)
         else:
@@ -441,6 +442,7 @@ class Daemon:
             )
             delay = self.backoff.failed(a.model, a.node)
             log.warning("not trying %s on %s again for %.0fs", a.model, a.node, delay)
+            self._reconcile_now.set()  # another node may take it meanwhile
         self._action_finished(ActionResult(a, r.ok, r.detail, r.duration_s))
 
     def _note_repin(self, model: str, context: int | None, node: str) -> None:

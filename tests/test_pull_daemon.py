@@ -6,6 +6,8 @@ a real AF_UNIX NOTIFY_SOCKET (``NotifyListener``).
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import re
@@ -24,7 +26,7 @@ from daemon_helpers import (
     write_config,
 )
 
-from gpu_router.cli import daemon_tables
+from gpu_router.cli import daemon_tables, main
 from gpu_router.config import load_config
 from gpu_router.daemon import Daemon
 from gpu_router.emulator import CATALOGUE, EmulatedNode, Fault
@@ -364,3 +366,48 @@ def test_a_cloud_priority_model_is_never_pulled(make_node: MakeNode, make_daemon
     settle(daemon)
     assert pull_requests(a) == []
     assert pinned_on_gpu(a, LLAMA32)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_the_report_says_would_pull_and_sends_nothing(make_node: MakeNode, tmp_path: Path) -> None:
+    a = make_node("gpu-a", models=(LLAMA32,))
+    a.load(LLAMA32, keep_alive=-1)
+    b = make_node("gpu-b", models=())
+    config = write_config(
+        tmp_path / "config.yaml",
+        [a, b],
+        [{"name": LLAMA32, "replicas": 2, "pull": True}],
+        tmp_path / "state",
+    )
+    out = io.StringIO()
+    assert main(["--config", str(config), "--report-only", "--json"], out=out) == 0
+    data = json.loads(out.getvalue())
+    assert data["actions"] == [
+        {
+            "action": "pull",
+            "node": "gpu-b",
+            "model": LLAMA32,
+            "reason": "1 of 2 replicas placed: not installed where it would fit",
+            "endpoint": "/api/pull",
+        }
+    ]
+    [model] = data["models"]
+    fits = {f["node"]: (f["verdict"], f["reason"]) for f in model["fits"]}
+    verdict, reason = fits["gpu-b"]
+    assert verdict == "pull"
+    assert re.fullmatch(
+        r"not installed; would pull it here: it needs \d\.\d GiB and would fit on GPU 0", reason
+    )
+    assert model["decision"]["reason"].endswith("; would pull it to gpu-b")
+
+    text = io.StringIO()
+    assert main(["--config", str(config), "--report-only"], out=text) == 0
+    lines = text.getvalue().splitlines()
+    header = next(line for line in lines if line.startswith("MODEL "))
+    row = next(line for line in lines if line.startswith(LLAMA32))
+    assert row[header.index("gpu-b") :].startswith("would pull")
+    assert any(line.split()[:4] == ["gpu-b", "pull", LLAMA32, "/api/pull"] for line in lines)
+    assert a.mutating_requests() == []  # the test's own load went through the emulator's API, not HTTP
+    assert b.mutating_requests() == []

@@ -610,6 +610,22 @@ class _Pass:
         self.priority = priority
         self.evicted: dict[str, set[str]] = {}  # node -> models planned for unload in this pass
         self.loads: dict[str, int] = {}  # node -> loads planned in this pass
+        self._pull_room: dict[str, tuple[int, int, int]] | None = None
+
+    def pull_room(self) -> Mapping[str, tuple[int, int, int]]:
+        """(max, sum, count) of usable VRAM over the healthy GPUs of each node a pull may go to.
+
+        Only nodes with GPUs of known size and at least one healthy; made once per pass, on the
+        first model that wants a pull.
+        """
+        if self._pull_room is None:
+            room: dict[str, tuple[int, int, int]] = {}
+            for name, cap in self.caps.items():
+                usable = [g.usable_bytes for g in cap.gpus if g.healthy]
+                if cap.vram_source is not VramSource.NONE and cap.known and usable:
+                    room[name] = (max(usable), sum(usable), len(usable))
+            self._pull_room = room
+        return self._pull_room
 
     def allowed_victims(self, node: NodeState, model: str, taken: Collection[str]) -> list[LoadedModel]:
         """What policy lets this pass unload on ``node`` for ``model``, first to go first."""
@@ -949,52 +965,45 @@ def _pulls(
     likeliest to hold it); once it is there it is sized, and any further replicas go by the rule
     above. A cloud model is never pulled.
     """
-    in_flight = [f.node for f in fits if f.verdict is Verdict.NOT_INSTALLED and (model, f.node) in pulling]
-    out = [
-        f._replace(verdict=Verdict.PULLING)
-        if f.node in in_flight and f.verdict is Verdict.NOT_INSTALLED
-        else f
-        for f in fits
-    ]
+    not_installed = Verdict.NOT_INSTALLED
+    out = fits
+    in_flight: list[str] = []
+    if pulling and any(m == model for m, _ in pulling):
+        in_flight = [f.node for f in fits if f.verdict is not_installed and (model, f.node) in pulling]
+        out = [f._replace(verdict=Verdict.PULLING) if f.node in in_flight else f for f in fits]
     note = f"pulling it to {', '.join(in_flight)}" if in_flight else ""
     short = wanted - len(chosen) - len(in_flight)
     if short <= 0 or not ctx.config.wants_pull(pm) or is_cloud_name(model):
         return _Pulled(out, [], note)
-    sized: list[tuple[tuple[int, int], int, Fit]] = []  # ((left, node order), index, verdict)
-    unsized: list[tuple[tuple[int, int, int], int]] = []  # ((-max usable, -sum usable, order), index)
+    out = list(out)
+    gpu_room = ctx.pull_room()
+    node_pid = ctx.node_pid
+    place = ctx.room.place
+    # Figures only; the verdicts of the few chosen are built after the sort.
+    sized: list[tuple[int, int, tuple[int, ...], int, bool]] = []  # (left, index, gpus, need, evicting)
+    unsized: list[tuple[int, int, int]] = []  # (-max usable, -sum usable, index)
     for i, f in enumerate(out):
-        if f.verdict is not Verdict.NOT_INSTALLED or (model, f.node) in backoff:
+        if f.verdict is not not_installed:
             continue
-        cap = ctx.caps[f.node]
-        healthy = [g.usable_bytes for g in cap.gpus if g.healthy]
-        if cap.vram_source is VramSource.NONE or not cap.known or not healthy:
+        name = f.node
+        usable = gpu_room.get(name)
+        if usable is None or (backoff and (model, name) in backoff):
             continue
-        need, span = per_pid[ctx.node_pid[f.node]]
+        max_usable, sum_usable, n_healthy = usable
+        need, span = per_pid[node_pid[name]]
         if need is None or span is None:
-            unsized.append(((-max(healthy), -sum(healthy), i), i))
+            unsized.append((-max_usable, -sum_usable, i))
             continue
-        if max(healthy) < need and (len(healthy) < 2 or sum(healthy) < span):
+        if max_usable < need and (n_healthy < 2 or sum_usable < span):
             continue  # too large for this node whatever is unloaded
-        node = ctx.state.node(f.node)
-        assert node is not None
-        spot = ctx.room.place(f.node, need, span)
-        after = ""
-        if spot is None:
-            victims = ctx.allowed_victims(node, model, ())
-            spot = ctx.room.place(f.node, need, span, sum(v.vram_bytes for v in victims))
-            after = f" once what evict: {ctx.config.evict} allows is unloaded"
-        if spot is None:
-            continue
-        gpus, left = spot
-        where = f"GPU {gpus[0]}" if len(gpus) == 1 else "GPUs " + ",".join(map(str, gpus))
-        verdict = f._replace(
-            verdict=Verdict.PULL,
-            gpus=gpus,
-            left_bytes=left,
-            need_bytes=need,
-            note=f"not installed; would pull it here: it needs {_gib(need)} and would fit on {where}{after}",
-        )
-        sized.append(((left, i), i, verdict))
+        spot = place(name, need, span)
+        evicting = spot is None
+        if evicting:
+            node = ctx.state.node(name)
+            assert node is not None
+            spot = place(name, need, span, sum(v.vram_bytes for v in ctx.allowed_victims(node, model, ())))
+        if spot is not None:
+            sized.append((spot[1], i, spot[0], need, evicting))
     placed = len(chosen)
     why_pull = (
         "priority model not on GPU anywhere"
@@ -1003,24 +1012,32 @@ def _pulls(
     )
     actions: list[Action] = []
     if sized:
-        for _, i, verdict in sorted(sized)[:short]:
-            out[i] = verdict
+        for left, i, gpus, need, evicting in sorted(sized)[:short]:
+            where = f"GPU {gpus[0]}" if len(gpus) == 1 else "GPUs " + ",".join(map(str, gpus))
+            after = f" once what evict: {ctx.config.evict} allows is unloaded" if evicting else ""
+            out[i] = out[i]._replace(
+                verdict=Verdict.PULL,
+                gpus=gpus,
+                left_bytes=left,
+                need_bytes=need,
+                note=f"not installed; would pull it here: it needs {_gib(need)}"
+                f" and would fit on {where}{after}",
+            )
             actions.append(
                 Action(
                     ActionKind.PULL,
-                    verdict.node,
+                    out[i].node,
                     model,
                     f"{why_pull}: not installed where it would fit",
-                    need_bytes=verdict.need_bytes or 0,
+                    need_bytes=need,
                 )
             )
     elif unsized and not any(m == model for m, _ in pulling):
-        i = min(unsized)[1]
-        usable = max(g.usable_bytes for g in ctx.caps[out[i].node].gpus if g.healthy)
+        max_usable, _, i = min(unsized)
         out[i] = out[i]._replace(
             verdict=Verdict.PULL,
             note=f"not installed; would pull it here: size unknown until it is on a node, and this node "
-            f"has the most usable VRAM ({_gib(usable)} per GPU)",
+            f"has the most usable VRAM ({_gib(-max_usable)} per GPU)",
         )
         actions.append(
             Action(

@@ -6,6 +6,7 @@ a real AF_UNIX NOTIFY_SOCKET (``NotifyListener``).
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -26,7 +27,7 @@ from daemon_helpers import (
     write_config,
 )
 
-from gpu_router.cli import daemon_tables, main
+from gpu_router.cli import _print_optimized, daemon_tables, main
 from gpu_router.config import load_config
 from gpu_router.daemon import Daemon
 from gpu_router.emulator import CATALOGUE, EmulatedNode, Fault
@@ -411,3 +412,78 @@ def test_the_report_says_would_pull_and_sends_nothing(make_node: MakeNode, tmp_p
     assert any(line.split()[:4] == ["gpu-b", "pull", LLAMA32, "/api/pull"] for line in lines)
     assert a.mutating_requests() == []  # the test's own load went through the emulator's API, not HTTP
     assert b.mutating_requests() == []
+
+
+# --------------------------------------------------------------------------- --once, reload, optimize
+
+
+def test_once_sees_its_pull_through(make_node: MakeNode, make_daemon: MakeDaemon) -> None:
+    a = make_node("gpu-a", models=(LLAMA32,))
+    a.load(LLAMA32, keep_alive=-1)
+    b = make_node("gpu-b", models=(), pull_speed_bps=CATALOGUE[LLAMA32].file_size_bytes / 0.5)
+    daemon = make_daemon([a, b], [{"name": LLAMA32, "replicas": 2}])
+    assert daemon.run(once=True) == 0
+    assert pull_requests(b, LLAMA32) == [{"model": LLAMA32}]
+    assert LLAMA32 in {s.name for s in b.installed()}  # pulled; the next cycle would place it
+    done = [x for x in daemon.telemetry.snapshot.daemon_json()["actions"] if x["action"] == "pull"]
+    assert [x["result"] for x in done] == ["ok"]
+
+
+def test_a_reload_that_drops_the_node_abandons_its_pull(
+    make_node: MakeNode, make_daemon: MakeDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = make_node("gpu-a", models=(LLAMA32,))
+    b = make_node("gpu-b", models=())
+    b.set_fault(Fault.PULL_STALL)
+    priority = [{"name": LLAMA32, "replicas": "all"}]
+    daemon = make_daemon([a, b], priority, watch_interval="0.2s")
+    caplog.set_level(logging.INFO, logger="gpu_router")
+    loop, codes = run_in_thread(daemon)
+    try:
+        wait_until(lambda: daemon.pulls.pulling() == {(LLAMA32, "gpu-b")}, what="the pull to gpu-b")
+        write_config(tmp_path / "config.yaml", [a], priority, tmp_path / "state", pull_missing=True)
+        daemon.request_reload()
+        wait_until(lambda: not daemon.pulls.pulling(), what="the pull abandoned")
+        wait_until(lambda: pinned_on_gpu(a, LLAMA32), what="the model on gpu-a")
+    finally:
+        b.clear_fault()
+        stop(daemon, loop)
+    assert codes == [0]
+    assert f"abandoning pulls to nodes no longer configured: {LLAMA32} on gpu-b" in caplog.text
+    assert daemon.backoff.entries() == []
+
+
+def test_optimize_counts_a_pull_in_the_background_as_no_failure() -> None:
+    body = {
+        "done": True,
+        "reconcile": 4,
+        "error": None,
+        "summary": "",
+        "planned": [],
+        "actions": [
+            {
+                "action": "load",
+                "node": "a",
+                "model": "x",
+                "reason": "r",
+                "result": "ok",
+                "detail": "",
+                "duration_s": 1.0,
+            },
+            {
+                "action": "pull",
+                "node": "b",
+                "model": "y",
+                "reason": "r",
+                "result": "in_flight",
+                "detail": "",
+                "duration_s": None,
+            },
+        ],
+    }
+    out = io.StringIO()
+    args = argparse.Namespace(json=False)
+    assert _print_optimized(body, args, out, by="the daemon") == 0
+    assert "reconcile #4 by the daemon: 1/1 actions ok, 1 pull in the background" in out.getvalue()
+    body["actions"][0]["result"] = "failed"
+    assert _print_optimized(body, args, io.StringIO(), by="the daemon") == 1

@@ -432,6 +432,8 @@ class Daemon:
             self._wake.set()
         elif r.abandoned:
             log.info("pull %s on %s %s", a.model, a.node, r.detail)
+            self.telemetry.action_abandoned(a, r.detail, r.duration_s)
+            return
         else:
             log.warning(
                 "action pull node=%s model=%s result=failed duration=%.1fs: %s",

@@ -97,7 +97,7 @@ class ActionRecord:
     action: str
     reason: str
     started_at: datetime
-    result: str = "in_flight"  # in_flight, ok, failed
+    result: str = "in_flight"  # in_flight, ok, failed, abandoned (a pull cut short by a stop or reload)
     detail: str = ""
     duration_s: float | None = None
 
@@ -533,6 +533,24 @@ class Telemetry:
             r.duration_s,
         )
         self._recent.append(record)
+        self._publish()
+
+    def action_abandoned(self, a: Action, detail: str, duration_s: float) -> None:
+        """An action cut short by a stop or a reload (a pull): shown, but not counted as a failure."""
+        started = self._in_flight.pop((a.node, a.model, a.kind.value), None)
+        self._recent.append(
+            ActionRecord(
+                started.reconcile if started else self.snapshot.reconciles,
+                a.node,
+                a.model,
+                a.kind.value,
+                a.reason,
+                started.started_at if started else self._wall() - timedelta(seconds=duration_s),
+                "abandoned",
+                detail,
+                duration_s,
+            )
+        )
         self._publish()
 
     def drift(self, node: str, kind: str) -> None:

@@ -451,6 +451,10 @@ def test_a_reload_that_drops_the_node_abandons_its_pull(
     assert codes == [0]
     assert f"abandoning pulls to nodes no longer configured: {LLAMA32} on gpu-b" in caplog.text
     assert daemon.backoff.entries() == []
+    pulls = [x for x in daemon.telemetry.snapshot.daemon_json()["actions"] if x["action"] == "pull"]
+    assert [x["result"] for x in pulls] == ["abandoned"]
+    assert daemon.telemetry.snapshot.in_flight == ()
+    assert daemon.telemetry.actions.value("gpu-b", LLAMA32, "pull", "failed") == 0  # not the node's fault
 
 
 def test_optimize_counts_a_pull_in_the_background_as_no_failure() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import pytest
@@ -10,7 +9,7 @@ from builders import cluster, config, gib, loaded, needs, node
 
 from gpu_router.config import PriorityModel, is_cloud_name
 from gpu_router.planner import ActionKind, Plan, Verdict, plan
-from gpu_router.report import action_table, build_report, model_table, render_plain
+from gpu_router.snapshot import static_snapshot
 from gpu_router.state import Gpu, GpuReading, InstalledModel, NodeStatus, VramSource
 
 M = "m:latest"
@@ -232,9 +231,10 @@ def test_cloud_names_follow_ollamas_rule(name: str, cloud: bool) -> None:
     assert is_cloud_name(name) is cloud
 
 
-def test_the_report_shows_would_pull_and_the_pull_action() -> None:
+def test_the_report_json_has_the_pull_action_and_verdict() -> None:
     state = cluster(node("a", (8,), loaded_models=(loaded(M, 3, pinned=True),)), node("b", (8,)))
-    data = build_report(state, plan(state, config(two(), pull_missing=True), needs=needs(m__latest=3)))
+    cfg = config(two(), pull_missing=True)
+    data = static_snapshot(cfg, state, plan(state, cfg, needs=needs(m__latest=3))).status_json()
     assert data["actions"] == [
         {
             "action": "pull",
@@ -246,14 +246,4 @@ def test_the_report_shows_would_pull_and_the_pull_action() -> None:
     ]
     fit = next(f for f in data["models"][0]["fits"] if f["node"] == "b")
     assert (fit["verdict"], fit["fits"]) == ("pull", False)
-    models = model_table(data)
-    cells = dict(zip(models.headers, models.rows[0], strict=True))
-    assert (cells["a"], cells["b"]) == ("on GPU", "would pull")
-    out = io.StringIO()
-    table = action_table(data)
-    assert table is not None
-    render_plain([models, table], out)
-    text = out.getvalue()
-    assert (
-        "b     pull    m:latest  /api/pull  1 of 2 replicas placed: not installed where it would fit" in text
-    )
+    assert fit["reason"] == "not installed; would pull it here: it needs 3.0 GiB and would fit on GPU 0"

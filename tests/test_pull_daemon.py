@@ -313,7 +313,7 @@ def test_a_failed_pull_backs_off_like_a_failed_load(
     assert f"not trying {LLAMA32} on gpu-b again for 30s" in caplog.text
     failed = [x for x in daemon.telemetry.snapshot.daemon_json()["actions"] if x["action"] == "pull"]
     assert [(x["result"], message in x["detail"]) for x in failed] == [("failed", True)]
-    report = daemon.telemetry.snapshot.report
+    report = daemon.telemetry.snapshot.status_json()
     fit = next(f for f in report["models"][0]["fits"] if f["node"] == "gpu-b")
     assert fit["verdict"] == "not_installed"  # no "would pull" while it waits
 

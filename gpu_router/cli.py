@@ -416,6 +416,14 @@ def daemon_tables(d: Json) -> list[Table]:
         tables.append(
             Table("Last actions", ("STARTED", "NODE", "ACTION", "MODEL", "RESULT", "TOOK", "DETAIL"), rows)
         )
+    if d.get("pulls"):
+        pulls = tuple(
+            (p["node"], p["model"], p["label"], when(p["started_at"]), f"{p['for_s']:.0f}s", p["reason"])
+            for p in d["pulls"]
+        )
+        tables.append(
+            Table("Pulls in flight", ("NODE", "MODEL", "PROGRESS", "STARTED", "FOR", "REASON"), pulls)
+        )
     if d["backoffs"]:
         waits = tuple(
             (b["model"], b["node"], str(b["failures"]), f"{b['retry_in_s']:.0f}s") for b in d["backoffs"]
@@ -529,7 +537,12 @@ def _optimize_here(config: Config, args: argparse.Namespace, out: TextIO, *, dry
 def _print_optimized(body: Json, args: argparse.Namespace, out: TextIO, *, by: str) -> int:
     from gpu_router.report import Table, render, write_json
 
-    failed = [a for a in body["actions"] if a["result"] != "ok"]
+    # A pull goes on in the background for up to pull_timeout: in flight is not a failure.
+    failed = [
+        a
+        for a in body["actions"]
+        if a["result"] != "ok" and (a["action"], a["result"]) != ("pull", "in_flight")
+    ]
     if args.json:
         write_json(body, out)
     else:
@@ -558,7 +571,11 @@ def _print_optimized(body: Json, args: argparse.Namespace, out: TextIO, *, by: s
         elif not body["actions"] and not body["planned"]:
             footer += "nothing to do"
         else:
-            footer += f"{len(body['actions']) - len(failed)}/{len(body['actions'])} actions ok"
+            pulling = sum(1 for a in body["actions"] if (a["action"], a["result"]) == ("pull", "in_flight"))
+            done = len(body["actions"]) - pulling
+            footer += f"{done - len(failed)}/{done} actions ok"
+            if pulling:
+                footer += f", {pulling} pull{'s' if pulling > 1 else ''} in the background"
         if body.get("summary"):
             footer += f"\n{body['summary']}"
         if not body["done"]:

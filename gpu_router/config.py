@@ -156,6 +156,22 @@ def normalize_model_name(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
+def is_cloud_name(name: str) -> bool:
+    """A name Ollama resolves to a cloud model: a ``:cloud`` source suffix, or a tag ending in ``-cloud``.
+
+    Ollama's own rule (``parseSourceSuffix`` in internal/modelref/modelref.go@v0.30.0): the text after
+    the last ``:`` is ``cloud``, or ends in ``-cloud`` and holds no ``/``. Pulling such a name only
+    fetches a stub that runs on Ollama's servers, so gpu-router never pulls one.
+    """
+    raw = name.strip()
+    idx = raw.rfind(":")
+    if idx < 0:
+        return False
+    suffix = raw[idx + 1 :].strip()
+    lowered = suffix.lower()
+    return lowered == "cloud" or ("/" not in suffix and lowered.endswith("-cloud"))
+
+
 class ConfigError(Exception):
     """A configuration problem: ``str(e)`` is ``"<path>:<line>: <key>: <message>"``.
 

@@ -23,6 +23,7 @@ from gpu_router.listen import parse_listen
 from gpu_router.observe import NodeLinks, Observer
 from gpu_router.ollama import OllamaError
 from gpu_router.planner import Action, ActionKind, Plan, plan, priority_on_gpu
+from gpu_router.pull import PullManager, PullResult
 from gpu_router.sizing import Sizer
 from gpu_router.snapshot import OptimizeTicket, Telemetry
 from gpu_router.state import ClusterState, LoadedModel, NodeState, Processor
@@ -72,6 +73,12 @@ class Daemon:
         self.observer = self._new_observer()
         self.backoff = Backoff(clock=clock)
         self._wake = threading.Event()
+        # Pulls run apart from the executors and outlive a reload (they hold their own client).
+        self.pulls = PullManager(
+            max_concurrent=config.max_concurrent_pulls,
+            timeout_s=config.pull_timeout_s,
+            on_done=self._wake.set,
+        )
         self.executor = self._new_executor()
         # After a reload, the previous executor (and the links its clients belong to) stays until
         # its sequences finish: its nodes count as busy, and its results are still read.
@@ -86,7 +93,7 @@ class Daemon:
         self._repins: dict[str, dict[int, int]] = {}  # model -> context clients reloaded it at -> count
         self._repin_warned: set[str] = set()
         # What the API serves (see snapshot.py); the hooks that feed it are at the end of the class.
-        self.telemetry = Telemetry(config, dry_run=dry_run, clock=clock)
+        self.telemetry = Telemetry(config, dry_run=dry_run, clock=clock, pulls=self.pulls.in_flight)
         self.api: ApiServer | None = None
         self._tickets: list[OptimizeTicket] = []
         self._tickets_lock = threading.Lock()
@@ -178,6 +185,8 @@ class Daemon:
                     ok = self._guarded_reconcile()
                     if once:
                         self.executor.wait_idle(self.config.load_timeout_s + 5)
+                        # One cycle is all there is: a pull it started is seen through, not cut.
+                        self.pulls.wait_idle(self.config.pull_timeout_s + 5, tick=self._tick)
                         self.collect_results()
                         rc = 0 if ok else 1
                         break
@@ -213,6 +222,10 @@ class Daemon:
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping")
         self._stop_api()
+        cut = self.pulls.stop(min(1.0, STOP_GRACE_S))
+        if cut:
+            # Ollama keeps the parts it has: the next pull of the model resumes there.
+            log.info("abandoning pulls in flight: %s", ", ".join(cut))
         busy = self.busy_nodes()
         if busy:
             log.info("waiting up to %gs for actions in flight on %s", STOP_GRACE_S, ", ".join(sorted(busy)))
@@ -259,16 +272,20 @@ class Daemon:
             self.store.save()
         self._last = (state, sizer)
         blocked = self.backoff.blocked()
+        pulling = self.pulls.pulling()
         # Only the priority models: they are all the daemon acts on (the report's full plan of
         # this observation is made by the snapshot if someone asks for it).
-        p = plan(state, self.config, backoff=blocked, sizer=sizer, full=False)
+        p = plan(state, self.config, backoff=blocked, sizer=sizer, full=False, pulling=pulling)
         self._remember(state, p)
         acted = 0 if self._stop.is_set() else self._act(p, observed_from=start)
         self._set_status(state, p, acted)
         log.debug("reconcile #%d took %.2fs", self.reconciles, self._clock() - start)
         config = self.config
         self._publish_reconcile(
-            state, p, self._clock() - start, lambda: plan(state, config, backoff=blocked, sizer=sizer)
+            state,
+            p,
+            self._clock() - start,
+            lambda: plan(state, config, backoff=blocked, sizer=sizer, pulling=pulling),
         )
         return p
 
@@ -301,7 +318,11 @@ class Daemon:
         busy = self.busy_nodes()
         loading = set().union(*(e.loading_models() for e in self._executors()))
         by_node: dict[str, list[Action]] = defaultdict(list)
+        started = 0
         for a in p.actions:
+            if a.kind is ActionKind.PULL:
+                started += self._start_pull(a)
+                continue
             target = a.for_model or a.model
             if a.node in busy or target in loading:
                 log.debug("deferring %s %s on %s: an action is in flight", a.kind.value, a.model, a.node)
@@ -318,7 +339,6 @@ class Daemon:
                 self._reconcile_now.set()
                 continue
             by_node[a.node].append(a)
-        started = 0
         for node, actions in by_node.items():
             if self.executor.submit(node, actions):
                 started += len(actions)
@@ -326,6 +346,19 @@ class Daemon:
                 for a in actions:
                     log.info("%s %s on %s: %s", a.kind.value, a.model, node, a.reason)
         return started
+
+    def _start_pull(self, a: Action) -> int:
+        """Hand a pull to the pull manager (not to the node's executor: a load there must not wait)."""
+        client = self.links.clients.get(a.node)
+        if client is None:
+            return 0
+        why_not = self.pulls.start(a, client)
+        if why_not is not None:
+            log.debug("deferring pull %s on %s: %s", a.model, a.node, why_not)
+            return 0
+        log.info("pull %s on %s: %s", a.model, a.node, a.reason)
+        self._actions_started([a])
+        return 1
 
     def collect_results(self) -> None:
         """Log and learn from finished actions; close what a reload left once it is idle."""
@@ -336,6 +369,8 @@ class Daemon:
             for r in e.collect():
                 self._log_result(r)
                 self._action_finished(r)
+        for pr in self.pulls.collect():
+            self._pull_finished(pr)
         self._settle_tickets(busy)
         still = []
         for e, links in self._retiring:
@@ -380,6 +415,37 @@ class Daemon:
             log.warning("not trying %s on %s again for %.0fs", a.model, a.node, delay)
         # Verify changed the picture; look again soon rather than a full interval later.
         self._reconcile_now.set()
+
+    def _pull_finished(self, r: PullResult) -> None:
+        a = r.action
+        if r.ok:
+            log.info(
+                "action pull node=%s model=%s result=ok duration=%.1fs: %s",
+                a.node,
+                a.model,
+                r.duration_s,
+                r.detail,
+            )
+            self.backoff.succeeded(a.model, a.node)
+            self.observer.refresh_tags({a.node})
+            self._reconcile_now.set()  # place it now rather than a full interval later
+            self._wake.set()
+        elif r.abandoned:
+            log.info("pull %s on %s %s", a.model, a.node, r.detail)
+            self.telemetry.action_abandoned(a, r.detail, r.duration_s)
+            return
+        else:
+            log.warning(
+                "action pull node=%s model=%s result=failed duration=%.1fs: %s",
+                a.node,
+                a.model,
+                r.duration_s,
+                r.detail,
+            )
+            delay = self.backoff.failed(a.model, a.node)
+            log.warning("not trying %s on %s again for %.0fs", a.model, a.node, delay)
+            self._reconcile_now.set()  # another node may take it meanwhile
+        self._action_finished(ActionResult(a, r.ok, r.detail, r.duration_s))
 
     def _note_repin(self, model: str, context: int | None, node: str) -> None:
         """Warn once when clients keep reloading a priority model at a context of their own."""
@@ -442,6 +508,9 @@ class Daemon:
             parts.append(f"{down} node{'s' if down > 1 else ''} down")
         if acted:
             parts.append(f"{acted} action{'s' if acted > 1 else ''} started")
+        pulls = self.pulls.in_flight()
+        if pulls:
+            parts.append(", ".join(f"pulling {pr.model} on {pr.node}" for pr in pulls))
         elif p.actions and (self.dry_run or not self.config.auto_optimize):
             parts.append(
                 f"{len(p.actions)} actions not taken ({'dry run' if self.dry_run else 'monitor only'})"
@@ -469,6 +538,10 @@ class Daemon:
             self.links = self._links_factory(new)
             self.observer = self._new_observer()
             self.executor = self._new_executor()
+            self.pulls.configure(max_concurrent=new.max_concurrent_pulls, timeout_s=new.pull_timeout_s)
+            gone = self.pulls.abandon({n.name for n in old.nodes} - {n.name for n in new.nodes})
+            if gone:
+                log.info("abandoning pulls to nodes no longer configured: %s", ", ".join(gone))
             set_level(new.log_level)
             self._reloaded(old, new)
             log.info(

@@ -56,6 +56,7 @@ EXPORTED = (
     "gpu_router_start_time_seconds",
     "gpu_router_actions_in_flight",
     "gpu_router_backoffs",
+    "gpu_router_pulls_in_flight",
     "gpu_router_poll_errors_total",
     "gpu_router_actions_total",
     "gpu_router_drift_events_total",
@@ -229,8 +230,13 @@ def daemon_families(t: Telemetry, snap: DaemonSnapshot) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "gpu_router_backoffs",
-        "(model, node) pairs waiting after a failed load.",
+        "(model, node) pairs waiting after a failed load or pull.",
         value=float(len(snap.backoffs)),
+    )
+    yield GaugeMetricFamily(
+        "gpu_router_pulls_in_flight",
+        "Pulls of missing priority models started and not finished.",
+        value=float(len(snap.pulls())),
     )
     for name, doc, counter in (
         ("gpu_router_poll_errors", "Failed polls of a node, by reason.", t.poll_errors),

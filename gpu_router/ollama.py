@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from gpu_router.state import (
     TensorSummary,
     VisionInfo,
 )
-from gpu_router.transport import DEFAULT_MAX_BODY_BYTES, HttpClient, TransportError
+from gpu_router.transport import DEFAULT_MAX_BODY_BYTES, HttpClient, LineStream, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ T = TypeVar("T")
 # verdict "down" for a host that is gone.
 CONNECT_TIMEOUT_CAP_S = 3.0
 MAX_VERSION_CHARS = 64
+# A /api/pull status line is under 300 bytes; an error line quotes a path or a registry message.
+PULL_MAX_LINE_BYTES = 64 * 1024
 
 
 class OllamaError(Exception):
@@ -56,6 +59,10 @@ class NodeUnreachable(OllamaError):
 
 class BadResponse(OllamaError):
     """The node answered, but with invalid JSON or a shape Ollama never sends."""
+
+
+class PullFailed(OllamaError):
+    """A pull stream ended with Ollama's ``{"error": ...}`` line; ``message`` is Ollama's text."""
 
 
 class ApiError(OllamaError):
@@ -531,6 +538,97 @@ class OllamaClient:
     def unload(self, model: str) -> None:
         """Ask Ollama to unload ``model`` (``keep_alive: 0``); it answers at once and unloads async."""
         self._call("POST", "/api/generate", {"model": model, "keep_alive": 0})
+
+    def pull(self, model: str, *, timeout_s: float, idle_timeout_s: float) -> PullStream:
+        """``POST /api/pull``, streamed: iterate the result for its status lines as they come.
+
+        Connect and the response headers happen here, with the same errors as the other calls: an
+        HTTP error (``{"error": ...}`` with a 4xx/5xx) is :class:`ApiError`. ``timeout_s`` bounds the
+        whole pull and ``idle_timeout_s`` each silence in it.
+        """
+        try:
+            lines = self._http.stream_lines(
+                "POST",
+                "/api/pull",
+                json_body={"model": model},
+                total_timeout_s=timeout_s,
+                idle_timeout_s=idle_timeout_s,
+                max_line_bytes=PULL_MAX_LINE_BYTES,
+            )
+        except TransportError as exc:
+            kind = BadResponse if exc.answered else NodeUnreachable
+            raise kind(self.name, f"POST /api/pull: {exc.reason}") from None
+        if lines.status >= 400:
+            # Errors before the first line (a bad name, a 500 from a proxy) are one JSON object.
+            try:
+                first = next(iter(lines), b"")
+            except TransportError:
+                first = b""
+            finally:
+                lines.close()
+            data, _ = _decode_json(first)
+            error = data.get("error") if isinstance(data, dict) else None
+            text = error if isinstance(error, str) else _snippet(first, 120) or lines.reason
+            raise ApiError(self.name, lines.status, f"POST /api/pull: {_one_line(text)}")
+        return PullStream(self.name, lines)
+
+
+@dataclass(frozen=True)
+class PullStatus:
+    """One status line of a pull: ``digest``, ``total_bytes`` and ``completed_bytes`` while a blob comes."""
+
+    status: str
+    digest: str = ""
+    total_bytes: int | None = None
+    completed_bytes: int | None = None
+
+
+class PullStream:
+    """The status lines of one ``POST /api/pull``; iterate once. Thread-safe ``abort()`` ends it early.
+
+    Iterating raises :class:`PullFailed` on Ollama's ``{"error": ...}`` line (it answers 200 once a
+    line went out, so the failure comes in the body: routes.go@v0.30.0 ``streamResponse``),
+    :class:`BadResponse` on a line that is not a JSON object or a stream that ends without
+    ``success``, and :class:`NodeUnreachable` when the connection breaks or goes silent too long.
+    """
+
+    def __init__(self, node: str, lines: LineStream) -> None:
+        self.node = node
+        self._lines = lines
+
+    def __iter__(self) -> Iterator[PullStatus]:
+        done = False
+        try:
+            for raw in self._lines:
+                data, problem = _decode_json(raw)
+                if problem or not isinstance(data, dict):
+                    raise BadResponse(
+                        self.node, f"POST /api/pull: {problem or 'a line that is not an object'}"
+                    )
+                if "error" in data:
+                    error = data["error"]
+                    raise PullFailed(self.node, _one_line(error if isinstance(error, str) else str(error)))
+                status = _str(data.get("status"))
+                done = done or status == "success"
+                yield PullStatus(
+                    status, _str(data.get("digest")), _int(data.get("total")), _int(data.get("completed"))
+                )
+        except TransportError as exc:
+            kind = BadResponse if exc.answered else NodeUnreachable
+            raise kind(self.node, f"POST /api/pull: {exc.reason}") from None
+        finally:
+            self._lines.close()
+        if not done:
+            raise BadResponse(self.node, "POST /api/pull: the stream ended without 'success'")
+
+    def abort(self) -> None:
+        """End the pull from another thread: Ollama stops it when the connection goes (and keeps what it
+        downloaded for next time); the iterating thread gets an error at once."""
+        self._lines.abort()
+
+    def close(self) -> None:
+        """Close the connection (from the iterating thread)."""
+        self._lines.close()
 
 
 def _decode_json(raw: bytes) -> tuple[Any, str]:

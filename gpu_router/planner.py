@@ -27,11 +27,11 @@ import gc
 from bisect import bisect_left
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import NamedTuple
 
-from gpu_router.config import Config, PriorityModel
+from gpu_router.config import Config, PriorityModel, is_cloud_name
 from gpu_router.memory import max_loaded_models, preload_check_passes
 from gpu_router.sizing import SizeEstimate, Sizer, SizeSource
 from gpu_router.state import MIB, ClusterState, LoadedModel, NodeState, Processor, VramSource
@@ -67,6 +67,8 @@ class Verdict(str, enum.Enum):
     BACKOFF = "backoff"  # a recent load here failed; the daemon waits before trying again
     UNCLEAR = "unclear"  # its /api/ps entry there could not be believed: no action on it
     GPU_UNHEALTHY = "gpu_unhealthy"  # every GPU of the node is unhealthy: nothing counts or goes there
+    PULL = "pull"  # not installed, would fit: the daemon pulls it here (pull: true), then places it
+    PULLING = "pulling"  # not installed yet: a pull to this node is in flight
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,8 @@ _FIXED_REASONS = {
     Verdict.BACKOFF: "a recent load here failed; backing off",
     Verdict.CLOUD: "a cloud model: it runs on Ollama's servers",
     Verdict.UNCLEAR: "its /api/ps entry there could not be believed; leaving it alone",
+    Verdict.PULL: "not installed; would pull it here",
+    Verdict.PULLING: "not installed yet; pulling it here now",
 }
 
 
@@ -170,6 +174,7 @@ class ActionKind(str, enum.Enum):
     LOAD = "load"
     UNLOAD = "unload"
     PIN = "pin"  # already fully on GPU, but a client left it with a finite keep_alive: pin it in place
+    PULL = "pull"  # not installed where it would fit: POST /api/pull (run apart from the node's sequence)
 
 
 @dataclass(frozen=True)
@@ -383,17 +388,19 @@ def plan(
     needs: Mapping[str, int] | None = None,
     full: bool = True,
     sizer: Sizer | None = None,
+    pulling: Collection[tuple[str, str]] = (),
 ) -> Plan:
     """Decide where every known model should run, and what to do for the priority ones.
 
     ``learned`` holds sizes observed earlier; ``backoff`` holds (model, node) pairs whose last load
-    failed recently and are not to be chosen now; ``needs`` fixes models' needs by name (tests,
-    benchmarks and what-if questions), over every other source. ``full=False`` (the daemon's
-    path) judges only the priority models, which are all it acts on; the report wants every model.
-    ``sizer`` is one already built on this state (the daemon's, which also learns sizes from it).
+    or pull failed recently and are not to be chosen now; ``needs`` fixes models' needs by name
+    (tests, benchmarks and what-if questions), over every other source. ``full=False`` (the
+    daemon's path) judges only the priority models, which are all it acts on; the report wants
+    every model. ``sizer`` is one already built on this state (the daemon's, which also learns
+    sizes from it). ``pulling`` holds the (model, node) pairs with a pull in flight.
     """
     with _gc_paused():
-        return _plan(state, config, sizer or Sizer(state, config, learned, needs), backoff, full)
+        return _plan(state, config, sizer or Sizer(state, config, learned, needs), backoff, full, pulling)
 
 
 def _plan(
@@ -402,6 +409,7 @@ def _plan(
     sizer: Sizer,
     backoff: Collection[tuple[str, str]],
     full: bool,
+    pulling: Collection[tuple[str, str]] = (),
 ) -> Plan:
     caps = tuple(capacity(n, config) for n in state.nodes)
     cap_by_node = {c.node: c for c in caps}
@@ -432,6 +440,7 @@ def _plan(
     gpu_nodes = [n for n in state.nodes if n.up and cap_by_node[n.name].known and cap_by_node[n.name].gpus]
     ctx = _Pass(state, config, sizer, cap_by_node, node_pid, room, priority)
     actions: list[Action] = []
+    pulls: list[Action] = []
     plans: list[ModelPlan] = []
 
     for i, name in enumerate([*models, *others]):
@@ -536,11 +545,16 @@ def _plan(
                 else f
                 for f in fits
             ]
+        pulled = _pulls(ctx, name, pm, wanted, chosen, fits, per_pid, backoff, pulling)
         if chosen:
             note = "" if len(chosen) >= wanted else f"; only {len(chosen)} of {wanted} replicas fit on GPU"
             decision = Decision(Placement.GPU, chosen[0], "; ".join(reasons) + note, tuple(chosen))
         else:
             decision = _cpu_decision(state, name, fits, config, embedding, backoff, actions)
+        if pulled.note:
+            decision = replace(decision, reason=f"{decision.reason}; {pulled.note}")
+        fits = pulled.fits
+        pulls.extend(pulled.actions)
         summary = _summary_need(ests, node_pid, decision.node)
         plans.append(
             ModelPlan(
@@ -555,7 +569,8 @@ def _plan(
                 node_profiles=node_pid,
             )
         )
-    return Plan(caps, tuple(plans), tuple(_order(actions)))
+    # Pulls last: they run apart from the nodes' unload/load sequences (see pull.py).
+    return Plan(caps, tuple(plans), (*_order(actions), *pulls))
 
 
 _NO_SIZE = SizeEstimate(None, SizeSource.UNKNOWN, "no node to size it on")
@@ -595,6 +610,22 @@ class _Pass:
         self.priority = priority
         self.evicted: dict[str, set[str]] = {}  # node -> models planned for unload in this pass
         self.loads: dict[str, int] = {}  # node -> loads planned in this pass
+        self._pull_room: dict[str, tuple[int, int, int]] | None = None
+
+    def pull_room(self) -> Mapping[str, tuple[int, int, int]]:
+        """(max, sum, count) of usable VRAM over the healthy GPUs of each node a pull may go to.
+
+        Only nodes with GPUs of known size and at least one healthy; made once per pass, on the
+        first model that wants a pull.
+        """
+        if self._pull_room is None:
+            room: dict[str, tuple[int, int, int]] = {}
+            for name, cap in self.caps.items():
+                usable = [g.usable_bytes for g in cap.gpus if g.healthy]
+                if cap.vram_source is not VramSource.NONE and cap.known and usable:
+                    room[name] = (max(usable), sum(usable), len(usable))
+            self._pull_room = room
+        return self._pull_room
 
     def allowed_victims(self, node: NodeState, model: str, taken: Collection[str]) -> list[LoadedModel]:
         """What policy lets this pass unload on ``node`` for ``model``, first to go first."""
@@ -899,6 +930,127 @@ def _make_room(
     if best is None:
         return None
     return best[1], best[2], best[3], best[4]
+
+
+class _Pulled(NamedTuple):
+    fits: list[Fit]  # the verdicts, with PULL/PULLING where a pull is planned or in flight
+    actions: list[Action]
+    note: str  # for the decision's reason; empty when no pull is planned or in flight
+
+
+def _pulls(
+    ctx: _Pass,
+    model: str,
+    pm: PriorityModel,
+    wanted: int,
+    chosen: Sequence[str],
+    fits: list[Fit],
+    per_pid: Sequence[tuple[int | None, int | None]],
+    backoff: Collection[tuple[str, str]],
+    pulling: Collection[tuple[str, str]],
+) -> _Pulled:
+    """Pull a priority model still short of its replicas onto nodes that would fit it (``pull: true``).
+
+    Candidates are the nodes judged ``not_installed`` (so up and allowed by ``nodes``) with healthy
+    GPUs of known size, not backing off for this model, where it would be placed fully on GPU once
+    it is there: in the room free now (after the placements this pass made for models listed
+    before it), plus what ``evict`` lets the daemon unload for it. A pull takes minutes and the
+    room will have moved by then, so the room is judged as ``fits`` or ``fits*`` would judge it,
+    and not taken: a later cycle places the model against the room there is then. Best fit first
+    (the least room left), up to the replicas missing; pulls in flight count towards them.
+
+    A model installed on no node that is up has no size to judge by (no file size, no
+    ``/api/show``). Leaving it would leave it stuck, which is what ``pull: true`` is there to
+    prevent, so one pull at a time goes to the candidate with the most usable VRAM (the node
+    likeliest to hold it); once it is there it is sized, and any further replicas go by the rule
+    above. A cloud model is never pulled.
+    """
+    not_installed = Verdict.NOT_INSTALLED
+    out = fits
+    in_flight: list[str] = []
+    if pulling and any(m == model for m, _ in pulling):
+        in_flight = [f.node for f in fits if f.verdict is not_installed and (model, f.node) in pulling]
+        out = [f._replace(verdict=Verdict.PULLING) if f.node in in_flight else f for f in fits]
+    note = f"pulling it to {', '.join(in_flight)}" if in_flight else ""
+    short = wanted - len(chosen) - len(in_flight)
+    if short <= 0 or not ctx.config.wants_pull(pm) or is_cloud_name(model):
+        return _Pulled(out, [], note)
+    out = list(out)
+    gpu_room = ctx.pull_room()
+    node_pid = ctx.node_pid
+    place = ctx.room.place
+    # Figures only; the verdicts of the few chosen are built after the sort.
+    sized: list[tuple[int, int, tuple[int, ...], int, bool]] = []  # (left, index, gpus, need, evicting)
+    unsized: list[tuple[int, int, int]] = []  # (-max usable, -sum usable, index)
+    for i, f in enumerate(out):
+        if f.verdict is not not_installed:
+            continue
+        name = f.node
+        usable = gpu_room.get(name)
+        if usable is None or (backoff and (model, name) in backoff):
+            continue
+        max_usable, sum_usable, n_healthy = usable
+        need, span = per_pid[node_pid[name]]
+        if need is None or span is None:
+            unsized.append((-max_usable, -sum_usable, i))
+            continue
+        if max_usable < need and (n_healthy < 2 or sum_usable < span):
+            continue  # too large for this node whatever is unloaded
+        spot = place(name, need, span)
+        evicting = spot is None
+        if evicting:
+            node = ctx.state.node(name)
+            assert node is not None
+            spot = place(name, need, span, sum(v.vram_bytes for v in ctx.allowed_victims(node, model, ())))
+        if spot is not None:
+            sized.append((spot[1], i, spot[0], need, evicting))
+    placed = len(chosen)
+    why_pull = (
+        "priority model not on GPU anywhere"
+        if not placed and not in_flight
+        else f"{placed} of {wanted} replicas placed"
+    )
+    actions: list[Action] = []
+    if sized:
+        for left, i, gpus, need, evicting in sorted(sized)[:short]:
+            where = f"GPU {gpus[0]}" if len(gpus) == 1 else "GPUs " + ",".join(map(str, gpus))
+            after = f" once what evict: {ctx.config.evict} allows is unloaded" if evicting else ""
+            out[i] = out[i]._replace(
+                verdict=Verdict.PULL,
+                gpus=gpus,
+                left_bytes=left,
+                need_bytes=need,
+                note=f"not installed; would pull it here: it needs {_gib(need)}"
+                f" and would fit on {where}{after}",
+            )
+            actions.append(
+                Action(
+                    ActionKind.PULL,
+                    out[i].node,
+                    model,
+                    f"{why_pull}: not installed where it would fit",
+                    need_bytes=need,
+                )
+            )
+    elif unsized and not any(m == model for m, _ in pulling):
+        max_usable, _, i = min(unsized)
+        out[i] = out[i]._replace(
+            verdict=Verdict.PULL,
+            note=f"not installed; would pull it here: size unknown until it is on a node, and this node "
+            f"has the most usable VRAM ({_gib(-max_usable)} per GPU)",
+        )
+        actions.append(
+            Action(
+                ActionKind.PULL,
+                out[i].node,
+                model,
+                f"{why_pull}: installed on no node that is up; the node with the most usable VRAM",
+            )
+        )
+    if actions:
+        targets = ", ".join(a.node for a in actions)
+        note = f"{note}; would pull it to {targets}" if note else f"would pull it to {targets}"
+    return _Pulled(out, actions, note)
 
 
 def _repins(

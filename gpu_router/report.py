@@ -338,6 +338,8 @@ def _node_row(n: Any, cap: Any, observed_at: datetime | None) -> NodeRow:
 
 
 def _endpoint(kind: ActionKind, embedding: bool) -> str:
+    if kind is ActionKind.PULL:
+        return "/api/pull"
     if kind is ActionKind.UNLOAD:
         return "/api/generate"
     return "/api/embed" if embedding else "/api/generate"
@@ -403,6 +405,8 @@ _VERDICT_SHORT = {
     Verdict.BACKOFF.value: "backoff",
     Verdict.UNCLEAR.value: "unclear",
     Verdict.GPU_UNHEALTHY.value: "GPU sick",
+    Verdict.PULL.value: "would pull",
+    Verdict.PULLING.value: "pulling",
 }
 
 MATRIX_MAX_NODES = 8

@@ -22,7 +22,8 @@ from typing import Any
 from gpu_router import __version__
 from gpu_router.config import Config
 from gpu_router.executor import ActionResult
-from gpu_router.planner import Action, Placement, Plan
+from gpu_router.planner import Action, ActionKind, Placement, Plan
+from gpu_router.pull import PullProgress
 from gpu_router.report import Json, Report, build_report
 from gpu_router.state import ClusterState, Gpu, NodeState, Processor
 
@@ -96,7 +97,7 @@ class ActionRecord:
     action: str
     reason: str
     started_at: datetime
-    result: str = "in_flight"  # in_flight, ok, failed
+    result: str = "in_flight"  # in_flight, ok, failed, abandoned (a pull cut short by a stop or reload)
     detail: str = ""
     duration_s: float | None = None
 
@@ -208,6 +209,12 @@ def build_routes(state: ClusterState, plan: Plan) -> dict[str, Route]:
 
 
 _EMPTY_PLAN = Plan((), (), ())
+
+
+def _no_pulls() -> tuple[PullProgress, ...]:
+    return ()
+
+
 _DERIVED = ("every_model", "report", "routes")  # the cached properties that depend on state and plan only
 
 
@@ -235,6 +242,8 @@ class DaemonSnapshot:
     # The daemon plans only what it acts on (the priority models); the report and the routes want
     # every model, so the full plan of the same observation is made on first use, if ever.
     full_plan: Callable[[], Plan] | None = field(default=None, compare=False, repr=False)
+    # Pulls in flight, read live: their progress moves between snapshots (a short lock, no I/O).
+    pulls: Callable[[], tuple[PullProgress, ...]] = field(default=_no_pulls, compare=False, repr=False)
 
     @cached_property
     def every_model(self) -> Plan | None:
@@ -300,6 +309,7 @@ class DaemonSnapshot:
             "dry_run": self.dry_run,
             "actions": [a.to_json() for a in reversed(self.recent_actions)],
             "in_flight": [a.to_json() for a in self.in_flight],
+            "pulls": [p.to_json(now) for p in self.pulls()],
             "backoffs": [
                 {
                     "model": b.model,
@@ -411,10 +421,11 @@ class Telemetry:
         dry_run: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _utcnow,
+        pulls: Callable[[], tuple[PullProgress, ...]] = _no_pulls,
     ) -> None:
         self._clock = clock
         self._wall = wall_clock
-        self.snapshot = DaemonSnapshot(config, wall_clock(), clock(), dry_run=dry_run)
+        self.snapshot = DaemonSnapshot(config, wall_clock(), clock(), dry_run=dry_run, pulls=pulls)
         self.poll_errors = LabelledCounter(("node", "reason"))
         self.actions = LabelledCounter(("node", "model", "action", "result"))
         self.drift_events = LabelledCounter(("node", "kind"))
@@ -524,6 +535,24 @@ class Telemetry:
         self._recent.append(record)
         self._publish()
 
+    def action_abandoned(self, a: Action, detail: str, duration_s: float) -> None:
+        """An action cut short by a stop or a reload (a pull): shown, but not counted as a failure."""
+        started = self._in_flight.pop((a.node, a.model, a.kind.value), None)
+        self._recent.append(
+            ActionRecord(
+                started.reconcile if started else self.snapshot.reconciles,
+                a.node,
+                a.model,
+                a.kind.value,
+                a.reason,
+                started.started_at if started else self._wall() - timedelta(seconds=duration_s),
+                "abandoned",
+                detail,
+                duration_s,
+            )
+        )
+        self._publish()
+
     def drift(self, node: str, kind: str) -> None:
         """Count one drift event seen by the watch (node_down, node_back, model_lost)."""
         self.drift_events.inc(node, kind)
@@ -618,7 +647,10 @@ class OptimizeTicket:
                     "model": a.model,
                     "reason": a.reason,
                     "result": "in_flight",
-                    "detail": "",
+                    # A pull runs on in the background (up to pull_timeout), not for this request.
+                    "detail": "pulling in the background; `gpu-router status` shows how far"
+                    if a.kind is ActionKind.PULL
+                    else "",
                     "duration_s": None,
                 }
                 for a in self.started

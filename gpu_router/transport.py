@@ -1036,6 +1036,19 @@ class LineStream:
         self._done = True
         self._lines.clear()
 
+    def abort(self) -> None:
+        """Cut the connection from another thread: a read blocked on it ends at once (and fails).
+
+        ``close`` alone does not wake a thread blocked in ``recv`` on Linux; a shutdown does. The
+        plain socket's shutdown, also for TLS, so the reading thread's SSL object is left whole.
+        """
+        import socket as socket_mod
+
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                socket_mod.socket.shutdown(conn.sock, socket_mod.SHUT_RDWR)
+
     def __enter__(self) -> LineStream:
         return self
 

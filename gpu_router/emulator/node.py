@@ -527,6 +527,11 @@ class EmulatedNode:
         return self.url + "/metrics"
 
     @property
+    def connections_accepted(self) -> int:
+        """TCP connections the Ollama port has accepted (kept-alive ones serve many requests)."""
+        return self._api.accepted
+
+    @property
     def running(self) -> bool:
         """True while the Ollama listening socket is open."""
         return self._api.open
@@ -731,6 +736,8 @@ class EmulatedNode:
             self._epoch += 1
             self._behaviour = self._make_behaviour()
             self._event("restart", "", ",".join(dropped))
+        # The old process's connections die with it, even when the port is back at once.
+        self._api.drop_connections()
         if down_s <= 0 or not self._started or self._stopped:
             return
         with self._listen_lock:

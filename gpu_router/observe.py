@@ -472,21 +472,23 @@ class Observer:
         return self.health.record(fresh, None)
 
     def _poll(self, node: NodeConfig) -> _Polled:
-        """One node's answers: ps, with tags and version alongside when needed, then its shows."""
+        """One node's answers: ps, with tags and version alongside when needed, and its shows."""
         client = self.clients[node.name]
         need_tags = (
             node.name in self._refresh_tags
             or node.name not in self._tags
             or self._tags_age.get(node.name, 0) >= TAGS_EVERY - 1
         )
-        tags_f = self._pool.submit(client.tags) if need_tags else None
+        tags_f = self._pool.submit(self._tags_and_shows, node.name) if need_tags else None
         version_f = self._pool.submit(client.version) if node.name not in self._versions else None
         loaded = client.ps()
         seen = frozenset((m.name, m.digest) for m in loaded)
         if not need_tags and seen != self._ps_seen.get(node.name):
-            tags_f = self._pool.submit(client.tags)  # the loaded set moved: the disk may have too
+            # The loaded set moved: the disk may have too.
+            tags_f = self._pool.submit(self._tags_and_shows, node.name)
+        shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
         if tags_f is not None:
-            installed = tags_f.result()
+            installed, shows = tags_f.result()
             self._tags[node.name] = installed
             self._tags_age[node.name] = 0
             self._refresh_tags.discard(node.name)
@@ -496,19 +498,37 @@ class Observer:
         self._ps_seen[node.name] = seen
         if version_f is not None:
             self._versions[node.name] = version_f.result()
-        polled = _Polled(loaded, installed, self._versions.get(node.name))
-        wanted = {m.name: m.digest for m in installed}
-        for m in loaded:
-            wanted.setdefault(m.name, m.digest)
-        for name, digest in wanted.items():
-            key = (name, digest)
-            if digest and self._info.get(digest) is None:
-                with self._lock:
-                    f = self._shows.get(key)
-                    if f is None or (f.done() and f.result() is None):
-                        f = self._shows[key] = self._pool.submit(self._show, node.name, name, digest)
-                polled.shows[key] = f
+        polled = _Polled(loaded, installed, self._versions.get(node.name), shows)
+        # A loaded model missing from the tags (a cloud model, a tags answer from before its pull).
+        on_disk = {m.name for m in installed}
+        self._ask_shows(node.name, [(m.name, m.digest) for m in loaded if m.name not in on_disk], shows)
         return polled
+
+    def _tags_and_shows(
+        self, node: str
+    ) -> tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]:
+        """The node's tags, and a show for each model not in the cache, sent as soon as the tags arrive."""
+        installed = self.clients[node].tags()
+        shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
+        self._ask_shows(node, [(m.name, m.digest) for m in installed], shows)
+        return installed, shows
+
+    def _ask_shows(
+        self,
+        node: str,
+        models: Sequence[tuple[str, str]],
+        into: dict[tuple[str, str], Future[ModelInfo | None]],
+    ) -> None:
+        """Ask /api/show for models whose digest is not cached (once per digest across the cluster)."""
+        for key in models:
+            name, digest = key
+            if not digest or self._info.get(digest) is not None or key in into:
+                continue
+            with self._lock:
+                f = self._shows.get(key)
+                if f is None or (f.done() and f.result() is None):
+                    f = self._shows[key] = self._pool.submit(self._show, node, name, digest)
+            into[key] = f
 
     def _show(self, node: str, model: str, digest: str) -> ModelInfo | None:
         try:

@@ -133,13 +133,16 @@ def _is_tty(out: TextIO) -> bool:
         return False
 
 
-def _emit(tables: list[Table], data: Json, args: argparse.Namespace, out: TextIO, footer: str = "") -> None:
+def _emit(
+    tables: Callable[[], list[Table]], data: Json, args: argparse.Namespace, out: TextIO, footer: str = ""
+) -> None:
+    """Print the JSON document, or the tables (built only then: ``tables`` makes them)."""
     from gpu_router.report import render, write_json
 
     if args.json:
         write_json(data, out)
     else:
-        render(tables, out, rich=_is_tty(out), footer=footer)
+        render(tables(), out, rich=_is_tty(out), footer=footer)
 
 
 def _report(config: Config) -> Json:
@@ -159,7 +162,7 @@ def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     if args.textfile:
         return cmd_report_textfile(config, args, out)
     data = _report(config)
-    _emit(report_tables(data), data, args, out, footer=summary_line(data))
+    _emit(lambda: report_tables(data), data, args, out, footer=summary_line(data))
     return EX_OK
 
 
@@ -180,7 +183,7 @@ def cmd_report_textfile(config: Config, args: argparse.Namespace, out: TextIO) -
         print(f"gpu-router: cannot write {args.textfile}: {exc.strerror or exc}", file=sys.stderr)
         return EX_FAIL
     data = snap.report
-    _emit(report_tables(data), data, args, out, footer=summary_line(data))
+    _emit(lambda: report_tables(data), data, args, out, footer=summary_line(data))
     return EX_OK
 
 
@@ -210,7 +213,7 @@ def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         rows,
         note=f"needs {gib(m['need_bytes'])} ({m['size_source']}: {m['size_detail']}); {d['reason']}",
     )
-    _emit([table], m, args, out)
+    _emit(lambda: [table], m, args, out)
     return EX_OK
 
 
@@ -262,7 +265,7 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         ("NODE", "FITS", "NEEDS", "USABLE", "FREE", "REASON"),
         tuple(rows),
     )
-    _emit([table], result, args, out)
+    _emit(lambda: [table], result, args, out)
     return EX_OK
 
 
@@ -345,7 +348,7 @@ def cmd_explain(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         tuple((label, *(fn(r) for r in rows)) for label, fn in fields),
     )
     notes = sorted({f"{r.node}: {note}" for r in rows for note in r.notes})
-    _emit([table], {}, args, out, footer="\n".join(notes))
+    _emit(lambda: [table], {}, args, out, footer="\n".join(notes))
     return EX_OK
 
 
@@ -369,7 +372,7 @@ def cmd_models(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     table = Table(
         "Models", ("MODEL", "PRIO", "INSTALLED ON", "ON DISK", "VRAM NEEDED", "SOURCE", "CAPABILITIES"), rows
     )
-    _emit([table, model_table(data)], {"models": data["models"]}, args, out)
+    _emit(lambda: [table, model_table(data)], {"models": data["models"]}, args, out)
     return EX_OK
 
 

@@ -20,19 +20,23 @@ calls as soon as its tags arrive.
 
 from __future__ import annotations
 
+import _thread
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
 from gpu_router.config import Config, NodeConfig
 from gpu_router.gpus import GpuSource, make_gpu_source
+from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
 from gpu_router.ollama import NodeUnreachable, OllamaClient, OllamaError
 from gpu_router.state import (
     ClusterState,
@@ -56,10 +60,102 @@ DEADLINE_SLACK_S = 0.5
 # /api/tags is asked again at least this often (in observations) even when nothing seems to change,
 # so a model pulled by hand onto a node is seen within TAGS_EVERY reconciles.
 TAGS_EVERY = 10
+# Up to this many calls in a pass, a node's tags and version go out beside its ps, each on its own
+# connection and thread (one round trip). Beyond it, one thread per node asks them after its ps on the
+# same kept-alive connection: at hundreds of nodes the threads and connections (on both sides) cost
+# far more than a round trip on a LAN, and a dead node is found by its ps alone.
+SIDE_BY_SIDE_MAX_CALLS = 256
 # Waiting on the nodes is cut into slices this long, so a stop request and the watchdog are served.
 WAIT_SLICE_S = 0.25
 # A loaded model can never hold more than this, whatever a node says (a sanity bound, 1 PiB).
 ABSURD_BYTES = 2**50
+
+
+class Workers:
+    """The threads that make one observer's calls: every call of a pass starts at once.
+
+    ``ThreadPoolExecutor`` starts a thread inside ``submit`` and waits for it to run, behind the
+    threads already parsing answers for the GIL: with hundreds of nodes the last node's first request
+    left seconds after the first. Here a pass first makes sure there is an idle thread for each call
+    it is about to queue (started without waiting for each to run), then queues them all. Threads stay
+    for the next pass; they never outlive the process (a hung call must not hold up its exit).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # threads waiting for a call
+        self._queued = 0  # calls no thread has taken yet
+        self._closed = False
+
+    @property
+    def threads(self) -> int:
+        """Threads started and not stopped."""
+        return self._threads
+
+    def reserve(self, calls: int) -> None:
+        """Start threads so that ``calls`` more calls queued now each find one idle."""
+        with self._lock:
+            missing = calls - (self._idle - self._queued)
+            if self._closed or missing <= 0:
+                return
+            self._threads += missing
+            self._idle += missing
+        for _ in range(missing):
+            _thread.start_new_thread(self._work, ())
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on an idle thread (one is started if none is free); cancelled once closed."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                future.cancel()
+                return future
+            self._queued += 1
+            short = self._queued > self._idle
+            if short:
+                self._threads += 1
+                self._idle += 1
+        if short:
+            _thread.start_new_thread(self._work, ())
+        self._queue.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """Let every thread end once its call (if any) is done; calls still queued are cancelled."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        for _ in range(threads):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            with self._lock:
+                if item is None:
+                    self._threads -= 1
+                    self._idle -= 1
+                    return
+                self._queued -= 1
+                self._idle -= 1
+                closed = self._closed
+            future, fn, args = item
+            if closed:
+                future.cancel()
+            elif future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, item
+            with self._lock:
+                self._idle += 1
 
 
 def _client(node: NodeConfig, timeout_s: float) -> OllamaClient:
@@ -328,9 +424,8 @@ class Observer:
         )
         self.clients = self.links.clients
         self.gpu_sources = self.links.gpu_sources
-        # Enough workers for every node's poll, its tags and version, and its GPU source at once:
-        # no node waits for a free thread, whatever the others do.
-        self._pool = ThreadPoolExecutor(max_workers=4 * len(config.nodes) + 8, thread_name_prefix="observe")
+        # A thread for every call of a pass, so no node waits for a free one whatever the others do.
+        self._pool = Workers()
         self._info = info_cache if info_cache is not None else InfoCache(None)
         self._shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
         self._lock = threading.Lock()
@@ -357,7 +452,7 @@ class Observer:
 
     def close(self) -> None:
         """Stop the workers; close the connections when this observer made them."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
         if self._own_links:
             self.links.close()
         self._info.save()
@@ -378,36 +473,67 @@ class Observer:
         """
         start = self._mono()
         deadline = start + self.deadline_s
+        # The calls of this pass all end one request_timeout after it began, whenever each one
+        # started: a dead node costs one timeout, not one plus the time its poll waited to start.
+        calls_end = time.monotonic() + self.config.request_timeout_s
         polls: dict[str, Future[_Polled] | None] = {}
-        gpus: dict[str, Future[GpuReading] | None] = {}
+        gpus: dict[str, Future[GpuReading] | GpuReading | None] = {}
+        # Every call of the pass goes out at once: count them, have a thread ready for each, queue.
+        fresh: list[tuple[NodeConfig, bool, bool]] = []
+        calls = 0
         for n in self.config.nodes:
             if not self.health.due(n.name):
                 polls[n.name] = gpus[n.name] = None  # down and backing off: costs nothing this time
                 continue
+            if _no_io(self.gpu_sources[n.name]):
+                gpus[n.name] = self._read_gpu(n.name)
+            else:
+                calls += 1
             busy = self._busy.get(n.name)
             if busy is not None and not busy.done():
                 polls[n.name] = busy  # still running from last time: wait for it, start nothing new
-            else:
-                polls[n.name] = self._busy[n.name] = self._pool.submit(self._poll, n)
-            gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
-        waiting = [f for f in (*polls.values(), *gpus.values()) if f is not None]
-        self._wait(waiting, deadline, cancel, tick)
-        # Then the /api/show calls each node started as soon as its tags came, within what is left.
-        shows = [
-            f
-            for p in polls.values()
-            if p is not None and p.done() and p.exception() is None
-            for f in p.result().shows.values()
-        ]
-        if shows:
-            self._wait(shows, deadline, cancel, tick)
+                continue
+            need_tags = self._tags_due(n.name)
+            need_version = n.name not in self._versions
+            fresh.append((n, need_tags, need_version))
+            calls += 1 + need_tags + need_version
+        side_by_side = calls <= SIDE_BY_SIDE_MAX_CALLS
+        if not side_by_side:
+            calls = len(gpus) - sum(isinstance(g, GpuReading) for g in gpus.values()) + len(fresh)
+        self._pool.reserve(calls)
+        for n, need_tags, need_version in fresh:
+            client = self.clients[n.name]
+            tags_f = version_f = None
+            if side_by_side:
+                tags_f = self._pool.submit(self._tags_and_shows, n.name, calls_end) if need_tags else None
+                if need_version:
+                    version_f = self._pool.submit(partial(client.version, deadline=calls_end))
+                need_tags = need_version = False
+            polls[n.name] = self._busy[n.name] = self._pool.submit(
+                self._poll, n, calls_end, tags_f, version_f, need_tags, need_version
+            )
+        for n in self.config.nodes:
+            if polls.get(n.name) is not None and n.name not in gpus:
+                gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
+        self._wait([f for f in polls.values() if f is not None], deadline, cancel, tick)
+        # Then, within what is left, the GPU readings of the nodes that answered (a dead node's
+        # exporter is no use) and the /api/show calls each node started as soon as its tags came.
+        answered = [name for name, p in polls.items() if p is not None and p.done() and p.exception() is None]
+        rest: list[Future[Any]] = [f for name in answered if isinstance(f := gpus[name], Future)]
+        for name in answered:
+            p = polls[name]
+            assert p is not None
+            rest.extend(p.result().shows.values())
+        if rest:
+            self._wait(rest, deadline, cancel, tick)
         nodes = []
         for n in self.config.nodes:
             future, gpu_future = polls[n.name], gpus[n.name]
             if future is None or gpu_future is None:
                 nodes.append(self.health.skipped(n))
                 continue
-            nodes.append(self._judge(n, future, self._gpu_result(gpu_future), self._mono() - start).state)
+            gpu = gpu_future if isinstance(gpu_future, GpuReading) else self._gpu_result(gpu_future)
+            nodes.append(self._judge(n, future, gpu, self._mono() - start).state)
         self.health.forget({n.name for n in self.config.nodes})
         self._info.save()
         return ClusterState(tuple(nodes), observed_at=self._clock())
@@ -471,24 +597,41 @@ class Observer:
         )
         return self.health.record(fresh, None)
 
-    def _poll(self, node: NodeConfig) -> _Polled:
-        """One node's answers: ps, with tags and version alongside when needed, and its shows."""
-        client = self.clients[node.name]
-        need_tags = (
-            node.name in self._refresh_tags
-            or node.name not in self._tags
-            or self._tags_age.get(node.name, 0) >= TAGS_EVERY - 1
+    def _tags_due(self, node: str) -> bool:
+        return (
+            node in self._refresh_tags
+            or node not in self._tags
+            or self._tags_age.get(node, 0) >= TAGS_EVERY - 1
         )
-        tags_f = self._pool.submit(self._tags_and_shows, node.name) if need_tags else None
-        version_f = self._pool.submit(client.version) if node.name not in self._versions else None
-        loaded = client.ps()
+
+    def _poll(
+        self,
+        node: NodeConfig,
+        calls_end: float,
+        tags_f: Future[tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]]
+        | None,
+        version_f: Future[str] | None,
+        tags_here: bool = False,
+        version_here: bool = False,
+    ) -> _Polled:
+        """One node's answers: ps, its tags and version when due, and its shows.
+
+        Tags and version come as futures already asked beside the ps, or (``*_here``, in a large
+        pass) are asked here after it on the same connection.
+        """
+        client = self.clients[node.name]
+        loaded = client.ps(deadline=calls_end)
         seen = frozenset((m.name, m.digest) for m in loaded)
-        if not need_tags and seen != self._ps_seen.get(node.name):
-            # The loaded set moved: the disk may have too.
-            tags_f = self._pool.submit(self._tags_and_shows, node.name)
+        moved = seen != self._ps_seen.get(node.name)
         shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
-        if tags_f is not None:
-            installed, shows = tags_f.result()
+        found = None
+        if tags_here or (tags_f is None and moved):
+            # Due, or the loaded set moved (the disk may have too).
+            found = self._tags_and_shows(node.name, calls_end)
+        elif tags_f is not None:
+            found = tags_f.result()
+        if found is not None:
+            installed, shows = found
             self._tags[node.name] = installed
             self._tags_age[node.name] = 0
             self._refresh_tags.discard(node.name)
@@ -496,7 +639,9 @@ class Observer:
             installed = self._tags[node.name]
             self._tags_age[node.name] = self._tags_age.get(node.name, 0) + 1
         self._ps_seen[node.name] = seen
-        if version_f is not None:
+        if version_here:
+            self._versions[node.name] = client.version(deadline=calls_end)
+        elif version_f is not None:
             self._versions[node.name] = version_f.result()
         polled = _Polled(loaded, installed, self._versions.get(node.name), shows)
         # A loaded model missing from the tags (a cloud model, a tags answer from before its pull).
@@ -505,10 +650,13 @@ class Observer:
         return polled
 
     def _tags_and_shows(
-        self, node: str
+        self, node: str, calls_end: float
     ) -> tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]:
-        """The node's tags, and a show for each model not in the cache, sent as soon as the tags arrive."""
-        installed = self.clients[node].tags()
+        """The node's tags, and a show for each model not in the cache, sent as soon as the tags arrive.
+
+        The shows keep their own timeout: what they bring is cached for later passes too.
+        """
+        installed = self.clients[node].tags(deadline=calls_end)
         shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
         self._ask_shows(node, [(m.name, m.digest) for m in installed], shows)
         return installed, shows
@@ -564,7 +712,10 @@ class Observer:
         Nodes skipped by their down backoff are left out of the result.
         """
         deadline = self._mono() + self.deadline_s
-        futures = {name: self._pool.submit(c.ps) for name, c in self.clients.items() if self.health.due(name)}
+        calls_end = time.monotonic() + self.config.request_timeout_s
+        due = [(name, c) for name, c in self.clients.items() if self.health.due(name)]
+        self._pool.reserve(len(due))
+        futures = {name: self._pool.submit(partial(c.ps, deadline=calls_end)) for name, c in due}
         self._wait(list(futures.values()), deadline, cancel, tick)
         out: dict[str, tuple[LoadedModel, ...] | OllamaError] = {}
         urls = {n.name: n.url for n in self.config.nodes}
@@ -585,6 +736,11 @@ class Observer:
                     self._versions.pop(name, None)
             out[name] = result
         return out
+
+
+def _no_io(source: GpuSource) -> bool:
+    """A source that answers from the config: read in the pass itself, no thread needed."""
+    return isinstance(source, (StaticSource, NoGpuSource, UnknownSource))
 
 
 def _bug(exc: BaseException) -> str:

@@ -453,9 +453,10 @@ class OllamaClient:
         body: Mapping[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
+        deadline: float | None = None,
     ) -> Any:
         try:
-            resp = self._http.request(method, path, json_body=body, timeout_s=timeout_s)
+            resp = self._http.request(method, path, json_body=body, timeout_s=timeout_s, deadline=deadline)
         except TransportError as exc:
             # Nothing (usable) answered: down. The server answered, but badly (TLS, cap, redirect,
             # invalid HTTP): error.
@@ -479,11 +480,12 @@ class OllamaClient:
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
             raise BadResponse(self.name, f"{what}: cannot use the response ({type(exc).__name__})") from None
 
-    # Read-only calls: the report uses only these.
+    # Read-only calls: the report uses only these. ``deadline`` (``time.monotonic()``) ends a call
+    # before its timeout: the calls of one poll all end by the poll's deadline.
 
-    def version(self) -> str:
+    def version(self, *, deadline: float | None = None) -> str:
         """``GET /api/version``."""
-        body = self._call("GET", "/api/version")
+        body = self._call("GET", "/api/version", deadline=deadline)
         if not isinstance(body, dict) or not isinstance(body.get("version"), str):
             raise BadResponse(self.name, "/api/version: no 'version' string")
         version = str(body["version"])
@@ -492,14 +494,14 @@ class OllamaClient:
             raise BadResponse(self.name, f"/api/version: a version string of {len(version)} characters")
         return version
 
-    def ps(self) -> tuple[LoadedModel, ...]:
+    def ps(self, *, deadline: float | None = None) -> tuple[LoadedModel, ...]:
         """``GET /api/ps``: the models loaded now."""
-        body = self._call("GET", "/api/ps")
+        body = self._call("GET", "/api/ps", deadline=deadline)
         return self._parse("/api/ps", lambda: parse_ps(body, self.name))
 
-    def tags(self) -> tuple[InstalledModel, ...]:
+    def tags(self, *, deadline: float | None = None) -> tuple[InstalledModel, ...]:
         """``GET /api/tags``: the models on the node's disk."""
-        body = self._call("GET", "/api/tags")
+        body = self._call("GET", "/api/tags", deadline=deadline)
         return self._parse("/api/tags", lambda: parse_tags(body, self.name))
 
     def show(self, model: str) -> ModelInfo:

@@ -536,15 +536,19 @@ class HttpClient:
         json_body: object = None,
         timeout_s: float | None = None,
         max_body_bytes: int | None = None,
+        deadline: float | None = None,
     ) -> Response:
         """One request, complete within ``timeout_s`` (default: the client's) or :class:`TimedOut`.
 
-        Any status is returned except 1xx and 3xx (a redirect is :class:`RedirectRefused`). Raises only
+        ``deadline`` (``time.monotonic()``) ends it sooner: calls that belong to one poll, started a
+        little apart, all end by the poll's own deadline (errors still name ``timeout_s``). Any status
+        is returned except 1xx and 3xx (a redirect is :class:`RedirectRefused`). Raises only
         :class:`TransportError` subclasses for anything that goes wrong on the way.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
         cap = self.max_body_bytes if max_body_bytes is None else max_body_bytes
-        deadline = time.monotonic() + timeout
+        ends = time.monotonic() + timeout
+        deadline = ends if deadline is None else min(ends, deadline)
         data = self._build(method, path, json_body)
         conn, reused = self._checkout(), True
         while True:

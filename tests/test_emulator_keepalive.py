@@ -136,3 +136,28 @@ def test_a_request_in_progress_gets_its_reply_then_the_connection_closes(make_no
     assert got["status"] == 200
     assert got["connection"] == "close"
     assert b"llama3.2" in got["body"]  # type: ignore[operator]
+
+
+def test_a_hung_request_ends_when_its_client_gives_up(make_node: MakeNode) -> None:
+    # Hundreds of hung polls must not pile up handler threads in the emulator after the clients left.
+    node = make_node("n", (8192,), ("llama3.2",))
+    node.set_fault(Fault.HANG)
+    socks = [socket.create_connection(("127.0.0.1", node.port), T) for _ in range(5)]
+    for sock in socks:
+        sock.sendall(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: len(node.requests) == 5, what="the five requests to arrive")
+    assert node._active_handlers == 5
+    for sock in socks:
+        sock.close()
+    wait_until(lambda: node._active_handlers == 0, what="the hung handlers to end")
+
+
+def test_a_hung_request_is_answered_as_soon_as_the_fault_clears(make_node: MakeNode) -> None:
+    node = make_node("n", (8192,), ("llama3.2",))
+    node.set_fault(Fault.HANG)
+    with socket.create_connection(("127.0.0.1", node.port), T) as sock:
+        sock.sendall(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: len(node.requests) == 1, what="the request to arrive")
+        node.clear_fault()
+        sock.settimeout(T)
+        assert sock.recv(12) == b"HTTP/1.1 200"

@@ -20,6 +20,7 @@ from gpu_router.state import (
     Gpu,
     GpuReading,
     InstalledModel,
+    InstalledModels,
     LoadedModel,
     NodeState,
     NodeStatus,
@@ -35,7 +36,8 @@ def build(nodes: int, gpus: int, models: int, seed: int = 1) -> tuple[ClusterSta
     out = []
     for i in range(nodes):
         total = rnd.choice([8, 16, 24, 48]) * GIB
-        installed = tuple(InstalledModel(m, sizes[m] // 2) for m in names)
+        # As the observer makes them: one tags answer, indexed by name once and kept between polls.
+        installed = InstalledModels(InstalledModel(m, sizes[m] // 2) for m in names)
         # Priority models (the first 20) start unloaded, so the pass has real placements to make.
         resident = [m for m in rnd.sample(names[20:], 3) if sizes[m] < total // 2]
         loaded = tuple(

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from gpu_router.memory.ggml import Tensor, summarize_tensors
 from gpu_router.state import (
     InstalledModel,
+    InstalledModels,
     LoadedModel,
     ModelInfo,
     NodeStatus,
@@ -148,7 +149,7 @@ def parse_ps(body: Any, node: str = "node") -> tuple[LoadedModel, ...]:
     return tuple(loaded)
 
 
-def parse_tags(body: Any, node: str = "node") -> tuple[InstalledModel, ...]:
+def parse_tags(body: Any, node: str = "node") -> InstalledModels:
     """Parse a ``GET /api/tags`` body."""
     installed = []
     for i, e in enumerate(_entries(body, node, "/api/tags")):
@@ -169,7 +170,7 @@ def parse_tags(body: Any, node: str = "node") -> tuple[InstalledModel, ...]:
                 remote=_is_remote(e),
             )
         )
-    return tuple(installed)
+    return InstalledModels(installed)
 
 
 def _is_remote(entry: Mapping[str, Any]) -> bool:

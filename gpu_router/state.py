@@ -6,12 +6,33 @@ means *unknown*, never zero: a GPU whose free memory could not be read is not a 
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar, overload
+
+from gpu_router.enums import NodeStatus, Processor, VramSource
+
+__all__ = [
+    "GIB",
+    "MIB",
+    "ClusterState",
+    "Gpu",
+    "GpuReading",
+    "InstalledModel",
+    "InstalledModels",
+    "LoadedModel",
+    "ModelInfo",
+    "NodeState",
+    "NodeStatus",
+    "Processor",
+    "ProjectorInfo",
+    "SsmInfo",
+    "TensorSummary",
+    "VisionInfo",
+    "VramSource",
+]
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -48,35 +69,6 @@ class _memo(Generic[T]):
         value: T = self._fn(obj)
         obj.__dict__[self._name] = value
         return value
-
-
-class NodeStatus(str, enum.Enum):
-    """What a node is, judged over its recent polls (see ``observe.NodeHealth``)."""
-
-    UP = "up"
-    # Answers, but badly (5xx, bodies it cannot read), or missed fewer polls in a row than down_after.
-    DEGRADED = "degraded"
-    DOWN = "down"  # no answer (refused, DNS, timeout) for down_after polls in a row
-    ERROR = "degraded"  # an alias: what one failed call says about a node that answered badly
-
-
-class VramSource(str, enum.Enum):
-    """Where a node's GPU memory figures came from."""
-
-    NVML = "nvml"
-    AMD = "amd"  # this machine's AMD GPUs, read from the amdgpu driver's sysfs files
-    EXPORTER = "exporter"
-    STATIC = "static"
-    NONE = "none"  # configured CPU-only
-    UNKNOWN = "unknown"  # no source configured, or the source failed
-
-
-class Processor(str, enum.Enum):
-    """Where a loaded model sits, as ``ollama ps`` would say."""
-
-    GPU = "gpu"
-    CPU = "cpu"
-    PARTIAL = "partial"
 
 
 @dataclass(frozen=True)

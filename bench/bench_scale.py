@@ -496,7 +496,7 @@ def report_counts(stdout: str) -> Counter[str]:
 
 def bench_large(name: str, count: int, hang: int, repeat: int, tmp: Path, target_s: float | None) -> None:
     timeout = 2.0
-    print(f"{name}: --report-only --json, {count} emulated nodes ({hang} hung), request_timeout {timeout:g} s")
+    print(f"{name}: --report-only --json, {count} emulated nodes ({hang} hung), timeout {timeout:g} s")
     with emulated.spawn(count, hang=hang) as cluster:
         cfg = write_yaml(
             tmp / f"{name}.yaml",
@@ -573,7 +573,8 @@ def bench_planner(repeat: int) -> None:
                 full_t.append(time.perf_counter() - t0)
         d = median(daemon_t)
         full = f"; full table median {secs(median(full_t))}" if full_t else ""
-        print(f"  {count} nodes: daemon path median {secs(d)} (best {secs(min(daemon_t))}), {len(p.actions)} actions{full}")
+        best = secs(min(daemon_t))
+        print(f"  {count} nodes: daemon path median {secs(d)} (best {best}), {len(p.actions)} actions{full}")
         row(
             f"planner, {count:,} nodes x 4 GPUs x 200 models, daemon path",
             f"bench_planner.py --nodes {count} (plan(full=False))",

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import types
 import typing
@@ -99,6 +98,8 @@ def parse_state_json(raw: bytes, path: Path, what: str) -> Any:
 
 def write_atomically(path: Path, data: object, what: str) -> bool:
     """Write JSON to ``path`` through a temp file and a rename; False (logged) on failure."""
+    import tempfile  # here: a report that learns nothing new writes nothing and need not load it
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", dir=path.parent)

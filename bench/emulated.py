@@ -75,6 +75,17 @@ class Spawned:
         """A gpu-router config for these nodes (as a dict for YAML)."""
         return {"nodes": self.nodes, "priority_models": list(PRIORITY), **settings}
 
+    def requests(self) -> list[list[str]]:
+        """Each node's Ollama API request paths so far, in node order."""
+        out: list[list[str]] = []
+        for p in self.procs:
+            assert p.stdin is not None
+            assert p.stdout is not None
+            p.stdin.write("count\n")
+            p.stdin.flush()
+            out.extend(json.loads(p.stdout.readline()))
+        return out
+
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the children have used so far."""
         tick = os.sysconf("SC_CLK_TCK")
@@ -125,7 +136,11 @@ def _child(first: int, count: int, total: int, refuse: int, hang: int) -> None:
             if fault is not None:
                 node.set_fault(fault)
         print(json.dumps(cluster.config()["nodes"]), flush=True)
-        sys.stdin.read()  # until the parent closes our stdin
+        # Until the parent closes our stdin; "count" asks for each node's Ollama API requests so far.
+        for line in sys.stdin:
+            if line.strip() == "count":
+                counts = [[r.path for r in n.requests if r.path.startswith("/api/")] for n in cluster]
+                print(json.dumps(counts), flush=True)
 
 
 def urls_of(nodes: Sequence[dict[str, Any]]) -> list[str]:

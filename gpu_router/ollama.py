@@ -26,7 +26,7 @@ from gpu_router.state import (
     TensorSummary,
     VisionInfo,
 )
-from gpu_router.transport import DEFAULT_MAX_BODY_BYTES, HttpClient, TransportError
+from gpu_router.transport import DEFAULT_MAX_BODY_BYTES, HttpClient, Pending, Response, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -459,10 +459,16 @@ class OllamaClient:
         try:
             resp = self._http.request(method, path, json_body=body, timeout_s=timeout_s, deadline=deadline)
         except TransportError as exc:
-            # Nothing (usable) answered: down. The server answered, but badly (TLS, cap, redirect,
-            # invalid HTTP): error.
-            kind = BadResponse if exc.answered else NodeUnreachable
-            raise kind(self.name, f"{method} {path}: {exc.reason}") from None
+            raise self._failed(method, path, exc) from None
+        return self._json(method, path, resp)
+
+    def _failed(self, method: str, path: str, exc: TransportError) -> OllamaError:
+        # Nothing (usable) answered: down. The server answered, but badly (TLS, cap, redirect,
+        # invalid HTTP): error.
+        kind = BadResponse if exc.answered else NodeUnreachable
+        return kind(self.name, f"{method} {path}: {exc.reason}")
+
+    def _json(self, method: str, path: str, resp: Response) -> Any:
         data, problem = _decode_json(resp.body)
         if resp.status >= 400:
             error = data.get("error") if isinstance(data, dict) else None
@@ -498,6 +504,22 @@ class OllamaClient:
     def ps(self, *, deadline: float | None = None) -> tuple[LoadedModel, ...]:
         """``GET /api/ps``: the models loaded now."""
         body = self._call("GET", "/api/ps", deadline=deadline)
+        return self._parse("/api/ps", lambda: parse_ps(body, self.name))
+
+    def start_ps(self, *, deadline: float | None = None) -> Pending | None:
+        """Send ``GET /api/ps`` on an idle kept-alive connection; None when :meth:`ps` must be used.
+
+        The watch polls every node from one thread this way (see ``Observer.watch``).
+        """
+        return self._http.start("GET", "/api/ps", deadline=deadline)
+
+    def finish_ps(self, pending: Pending) -> tuple[LoadedModel, ...]:
+        """The answer to :meth:`start_ps`, as :meth:`ps` returns it (``StaleConnection``: ask again)."""
+        try:
+            resp = pending.finish()
+        except TransportError as exc:
+            raise self._failed("GET", "/api/ps", exc) from None
+        body = self._json("GET", "/api/ps", resp)
         return self._parse("/api/ps", lambda: parse_ps(body, self.name))
 
     def tags(self, *, deadline: float | None = None) -> tuple[InstalledModel, ...]:

@@ -14,7 +14,9 @@ from test_request_counts import api_requests, write_static_config
 
 from gpu_router import observe
 from gpu_router.config import load_config
+from gpu_router.emulator import Fault
 from gpu_router.observe import Workers, observe_once
+from gpu_router.ollama import OllamaError
 from gpu_router.transport import HttpClient, ProxyConfig, TimedOut
 
 LLAMA32 = "llama3.2:latest"
@@ -137,3 +139,37 @@ def test_a_dead_nodes_exporter_is_not_waited_for(make_node: MakeNode, tmp_path: 
 
 def _hang(conn: Conn) -> None:
     conn.stopped.wait(90)
+
+
+def test_a_watch_reads_every_kind_of_answer_from_one_thread_or_hands_it_on(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    # One node answers whole, one in drips (read by a worker), one restarted (its kept-alive
+    # connection is gone: asked again), one hangs (no answer by the deadline): each gets its due.
+    whole, drip, restarted, hung = (make_node(f"n{i}", (8192,), (LLAMA32,)) for i in range(4))
+    for n in (whole, drip, restarted, hung):
+        n.load(LLAMA32, keep_alive=-1)
+    nodes = [whole, drip, restarted, hung]
+    config = load_config(
+        write_static_config(
+            tmp_path / "config.yaml", nodes, [LLAMA32], tmp_path / "state", request_timeout="3s"
+        )
+    )
+    observer = observe.Observer(config)
+    try:
+        first = observer.watch()
+        assert all(isinstance(r, tuple) for r in first.values())
+        opened = [n.connections_accepted for n in nodes]
+        drip.set_fault(Fault.DRIP, rate_bps=4000, paths=("/api/ps",))
+        restarted.restart()
+        hung.set_fault(Fault.HANG, paths=("/api/ps",))
+        seen = observer.watch()
+        for n, models in ((whole, [LLAMA32]), (drip, [LLAMA32]), (restarted, [])):  # a restart unloads
+            result = seen[n.name]
+            assert isinstance(result, tuple), (n.name, result)
+            assert [m.name for m in result] == models
+        assert isinstance(seen[hung.name], OllamaError)
+        assert whole.connections_accepted == opened[0]  # asked again on the same connection
+        assert restarted.connections_accepted == opened[2] + 1  # its old one died with the restart
+    finally:
+        observer.close()

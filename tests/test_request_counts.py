@@ -111,10 +111,12 @@ def test_a_watch_asks_only_ps(idle_cluster: list[EmulatedNode], make_daemon: Any
     daemon.reconcile()
     for n in idle_cluster:
         n.clear_requests()
+    opened = [n.connections_accepted for n in idle_cluster]
     for _ in range(3):
         assert daemon.watch() is False
     for n in idle_cluster:
         assert api_requests(n) == ["/api/ps"] * 3
+    assert [n.connections_accepted for n in idle_cluster] == opened  # on the kept-alive connections
 
 
 def test_tags_are_asked_again_where_ps_moved_or_the_daemon_acted(

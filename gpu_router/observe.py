@@ -1,8 +1,11 @@
 """Gather a :class:`ClusterState` from every node at once, within one deadline.
 
-Every node is polled in its own worker, and the observation as a whole has one deadline
-(``request_timeout`` plus a little slack): a node that has not answered by then counts as failed
-for this cycle, so one hung host never holds up the loop, the watchdog or the other nodes. A
+Every node is polled in its own worker thread, all started at once, and a node's calls end one
+``request_timeout`` after its poll began: a node that has not answered by then counts as failed for
+this cycle, so one hung host (or a hundred) costs one timeout and never holds up the loop, the
+watchdog or the other nodes. The pass waits for polls that began late on a machine short of CPU,
+up to a second timeout. The watch sends every ``/api/ps`` at once on the kept-alive connections and
+reads the answers on one selector. A
 worker left behind by such a node finishes at its own request deadline and is reused; a node whose
 previous poll is still running is not polled again, so threads never pile up.
 
@@ -470,14 +473,21 @@ class Observer:
     ) -> ClusterState:
         """Poll every node and GPU source concurrently; never raises for a node's failure.
 
-        Returns by the deadline whatever the nodes do, or soon after ``cancel`` is set; ``tick`` is
-        called while waiting (the daemon pings the systemd watchdog from it).
+        Returns one ``request_timeout`` (plus slack) after the last poll began, and never later than
+        two, whatever the nodes do; or soon after ``cancel`` is set. ``tick`` is called while
+        waiting (the daemon pings the systemd watchdog from it).
         """
         start = self._mono()
         deadline = start + self.deadline_s
-        # The calls of this pass all end one request_timeout after it began, whenever each one
-        # started: a dead node costs one timeout, not one plus the time its poll waited to start.
-        calls_end = time.monotonic() + self.config.request_timeout_s
+        # When each poll began (its calls end one request_timeout later, see _poll). A poll that got
+        # its thread late, on a machine short of CPU, is waited for, up to a second timeout: slow
+        # here is not down there.
+        ends: dict[str, float] = {}
+        cap = deadline + self.config.request_timeout_s
+
+        def until() -> float:
+            return min(cap, max(deadline, max(ends.values(), default=start) + DEADLINE_SLACK_S))
+
         polls: dict[str, Future[_Polled] | None] = {}
         gpus: dict[str, Future[GpuReading] | GpuReading | None] = {}
         # Every call of the pass goes out at once: count them, have a thread ready for each, queue.
@@ -507,17 +517,16 @@ class Observer:
             client = self.clients[n.name]
             tags_f = version_f = None
             if side_by_side:
-                tags_f = self._pool.submit(self._tags_and_shows, n.name, calls_end) if need_tags else None
-                if need_version:
-                    version_f = self._pool.submit(partial(client.version, deadline=calls_end))
+                tags_f = self._pool.submit(self._tags_and_shows, n.name, None) if need_tags else None
+                version_f = self._pool.submit(client.version) if need_version else None
                 need_tags = need_version = False
             polls[n.name] = self._busy[n.name] = self._pool.submit(
-                self._poll, n, calls_end, tags_f, version_f, need_tags, need_version
+                self._poll, n, ends, tags_f, version_f, need_tags, need_version
             )
         for n in self.config.nodes:
             if polls.get(n.name) is not None and n.name not in gpus:
                 gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
-        self._wait([f for f in polls.values() if f is not None], deadline, cancel, tick)
+        self._wait([f for f in polls.values() if f is not None], until, cancel, tick)
         # Then, within what is left, the GPU readings of the nodes that answered (a dead node's
         # exporter is no use) and the /api/show calls each node started as soon as its tags came.
         answered = [name for name, p in polls.items() if p is not None and p.done() and p.exception() is None]
@@ -527,7 +536,7 @@ class Observer:
             assert p is not None
             rest.extend(p.result().shows.values())
         if rest:
-            self._wait(rest, deadline, cancel, tick)
+            self._wait(rest, until, cancel, tick)
         nodes = []
         for n in self.config.nodes:
             future, gpu_future = polls[n.name], gpus[n.name]
@@ -543,14 +552,15 @@ class Observer:
     def _wait(
         self,
         futures: Sequence[Future[Any]],
-        deadline: float,
+        deadline: float | Callable[[], float],
         cancel: threading.Event | None,
         tick: Callable[[], object] | None,
     ) -> None:
-        """Wait for ``futures`` until the deadline, in short slices so cancel and tick are served."""
+        """Wait for ``futures`` until the deadline (or what it says now), in short slices so cancel
+        and tick are served."""
         pending = list(futures)
         while pending:
-            left = deadline - self._mono()
+            left = (deadline() if callable(deadline) else deadline) - self._mono()
             if left <= 0 or (cancel is not None and cancel.is_set()):
                 return
             _, not_done = wait_futures(pending, timeout=min(left, WAIT_SLICE_S))
@@ -609,7 +619,7 @@ class Observer:
     def _poll(
         self,
         node: NodeConfig,
-        calls_end: float,
+        ends: dict[str, float],
         tags_f: Future[tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]]
         | None,
         version_f: Future[str] | None,
@@ -621,6 +631,11 @@ class Observer:
         Tags and version come as futures already asked beside the ps, or (``*_here``, in a large
         pass) are asked here after it on the same connection.
         """
+        timeout = self.config.request_timeout_s
+        # The poll's calls all end one timeout after it began (a node that answers ps and then
+        # hangs costs one timeout, not three), and the pass waits for it that long.
+        calls_end = time.monotonic() + timeout
+        ends[node.name] = self._mono() + timeout
         client = self.clients[node.name]
         loaded = client.ps(deadline=calls_end)
         seen = frozenset((m.name, m.digest) for m in loaded)
@@ -652,7 +667,7 @@ class Observer:
         return polled
 
     def _tags_and_shows(
-        self, node: str, calls_end: float
+        self, node: str, calls_end: float | None
     ) -> tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]:
         """The node's tags, and a show for each model not in the cache, sent as soon as the tags arrive.
 

@@ -1,10 +1,10 @@
 """Gather a :class:`ClusterState` from every node at once, within one deadline.
 
-Every node is polled in its own worker thread, all started at once, and a node's calls end one
-``request_timeout`` after its poll began: a node that has not answered by then counts as failed for
-this cycle, so one hung host (or a hundred) costs one timeout and never holds up the loop, the
-watchdog or the other nodes. The pass waits for polls that began late on a machine short of CPU,
-up to a second timeout. The watch sends every ``/api/ps`` at once on the kept-alive connections and
+Every node is polled in its own worker thread, all started at once, and each call ends one
+``request_timeout`` after it began: a node that has not answered by then counts as failed for this
+cycle, so one hung host (or a hundred) costs one timeout and never holds up the loop, the watchdog
+or the other nodes. The pass waits for calls that began late on a machine short of CPU, up to a
+second timeout. The watch sends every ``/api/ps`` at once on the kept-alive connections and
 reads the answers on one selector. A
 worker left behind by such a node finishes at its own request deadline and is reused; a node whose
 previous poll is still running is not polled again, so threads never pile up.
@@ -479,9 +479,9 @@ class Observer:
         """
         start = self._mono()
         deadline = start + self.deadline_s
-        # When each poll began (its calls end one request_timeout later, see _poll). A poll that got
-        # its thread late, on a machine short of CPU, is waited for, up to a second timeout: slow
-        # here is not down there.
+        # When each poll's latest call began (it ends one request_timeout later, see _poll). A poll
+        # that got its thread late, on a machine short of CPU, is waited for, up to a second
+        # timeout: slow here is not down there.
         ends: dict[str, float] = {}
         cap = deadline + self.config.request_timeout_s
 
@@ -517,7 +517,7 @@ class Observer:
             client = self.clients[n.name]
             tags_f = version_f = None
             if side_by_side:
-                tags_f = self._pool.submit(self._tags_and_shows, n.name, None) if need_tags else None
+                tags_f = self._pool.submit(self._tags_and_shows, n.name) if need_tags else None
                 version_f = self._pool.submit(client.version) if need_version else None
                 need_tags = need_version = False
             polls[n.name] = self._busy[n.name] = self._pool.submit(
@@ -632,19 +632,22 @@ class Observer:
         pass) are asked here after it on the same connection.
         """
         timeout = self.config.request_timeout_s
-        # The poll's calls all end one timeout after it began (a node that answers ps and then
-        # hangs costs one timeout, not three), and the pass waits for it that long.
-        calls_end = time.monotonic() + timeout
-        ends[node.name] = self._mono() + timeout
+
+        def begins() -> None:
+            # Each call has request_timeout from its own start; the pass waits for the last one.
+            ends[node.name] = self._mono() + timeout
+
+        begins()
         client = self.clients[node.name]
-        loaded = client.ps(deadline=calls_end)
+        loaded = client.ps()
         seen = frozenset((m.name, m.digest) for m in loaded)
         moved = seen != self._ps_seen.get(node.name)
         shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
         found = None
         if tags_here or (tags_f is None and moved):
             # Due, or the loaded set moved (the disk may have too).
-            found = self._tags_and_shows(node.name, calls_end)
+            begins()
+            found = self._tags_and_shows(node.name)
         elif tags_f is not None:
             found = tags_f.result()
         if found is not None:
@@ -657,7 +660,8 @@ class Observer:
             self._tags_age[node.name] = self._tags_age.get(node.name, 0) + 1
         self._ps_seen[node.name] = seen
         if version_here:
-            self._versions[node.name] = client.version(deadline=calls_end)
+            begins()
+            self._versions[node.name] = client.version()
         elif version_f is not None:
             self._versions[node.name] = version_f.result()
         polled = _Polled(loaded, installed, self._versions.get(node.name), shows)
@@ -667,13 +671,13 @@ class Observer:
         return polled
 
     def _tags_and_shows(
-        self, node: str, calls_end: float | None
+        self, node: str
     ) -> tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]:
         """The node's tags, and a show for each model not in the cache, sent as soon as the tags arrive.
 
         The shows keep their own timeout: what they bring is cached for later passes too.
         """
-        installed = self.clients[node].tags(deadline=calls_end)
+        installed = self.clients[node].tags()
         shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
         self._ask_shows(node, [(m.name, m.digest) for m in installed], shows)
         return installed, shows

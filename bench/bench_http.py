@@ -9,10 +9,10 @@ the same run; the figure is the median over --runs of CPU time per call, with th
 
 Two server modes:
 
-* keep-alive: the emulator's handler switched to HTTP/1.1 in the child process (the shipped
-  emulator speaks HTTP/1.0, one request per connection; real Ollama, a Go net/http server, keeps
-  connections alive). This is the figure for the target: client CPU per call < 1 ms.
-* connection per call: the emulator as shipped; every call pays connect + close.
+* keep-alive: the emulator as shipped, HTTP/1.1 with kept-alive connections, as real Ollama (a Go
+  net/http server) behaves. This is the figure for the target: client CPU per call < 1 ms.
+* connection per call: the emulator's handler switched to HTTP/1.0 in the child process, so every
+  call pays connect + close.
 
 ``requests`` is not a dependency any more; its column appears only when it is importable.
 Target (from the issue): transport < 1 ms client CPU per call, close to the bare socket's.
@@ -36,11 +36,10 @@ import sys
 from gpu_router.emulator import EmulatedNode
 from gpu_router.emulator import node as node_module
 
-# Go's net/http keeps connections alive and sets TCP_NODELAY; the shipped emulator does neither (HTTP/1.0),
-# and without TCP_NODELAY a kept-alive reply waits ~40 ms for a delayed ACK (headers and body are two sends).
-node_module._Handler.disable_nagle_algorithm = True
-if sys.argv[1] == "keep-alive":
-    node_module._Handler.protocol_version = "HTTP/1.1"
+# The emulator speaks HTTP/1.1 with keep-alive, as Ollama's Go server does; HTTP/1.0 makes every call
+# open and close its own connection.
+if sys.argv[1] != "keep-alive":
+    node_module._Handler.protocol_version = "HTTP/1.0"
 node = EmulatedNode("bench", (24576,), ("llama3.2", "nomic-embed-text", "all-minilm"))
 for model in ("llama3.2", "nomic-embed-text", "all-minilm"):
     node.load(model, keep_alive=-1)

@@ -7,29 +7,19 @@ when every priority model is on GPU, 1 when some are not, and 3 when no daemon a
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gpu_router import __version__
-from gpu_router.config import (
-    EX_CONFIG,
-    Config,
-    ConfigError,
-    find_config_path,
-    load_config,
-    normalize_model_name,
-)
-from gpu_router.systemd import setup_logging
 
-# Only what every command needs is imported here: --help, --version and --check-config must start
-# fast and never load an HTTP client, rich, psutil or NVML. Commands import what they use.
+# Only argparse is imported here: --help and --version exit while the arguments are parsed and load
+# nothing else; --check-config loads the config module (and YAML) alone, never an HTTP client, rich,
+# psutil or NVML. Commands import what they use.
 if TYPE_CHECKING:
+    from gpu_router.config import Config
     from gpu_router.report import Json, ModelRow, Report, Table
-
-log = logging.getLogger("gpu_router.cli")
 
 EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
 EX_NO_DAEMON = 3  # ``status``: no daemon answered (like systemctl's "unit is not active")
@@ -59,9 +49,43 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+def _columns() -> int:
+    """The terminal width as shutil.get_terminal_size() finds it ($COLUMNS, the terminal, 80)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter without its ``import shutil``.
+
+    Every add_argument builds a formatter, and HelpFormatter imports shutil (which imports bz2 and
+    lzma) for the terminal width: a few milliseconds of every command's start for nothing.
+    """
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        columns = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, columns)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="gpu-router",
         description="Keep priority Ollama models on the GPU nodes of a cluster.",
         epilog="Config search order: --config, $GPU_ROUTER_CONFIG, $CONFIGURATION_DIRECTORY/config.yaml, "
@@ -122,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    from gpu_router.config import find_config_path, load_config
+
     # An explicit path is passed as typed, so messages name the file the way the user wrote it.
     return load_config(args.config or find_config_path(None))
 
@@ -133,13 +159,16 @@ def _is_tty(out: TextIO) -> bool:
         return False
 
 
-def _emit(tables: list[Table], data: Json, args: argparse.Namespace, out: TextIO, footer: str = "") -> None:
+def _emit(
+    tables: Callable[[], list[Table]], data: Json, args: argparse.Namespace, out: TextIO, footer: str = ""
+) -> None:
+    """Print the JSON document, or the tables (built only then: ``tables`` makes them)."""
     from gpu_router.report import render, write_json
 
     if args.json:
         write_json(data, out)
     else:
-        render(tables, out, rich=_is_tty(out), footer=footer)
+        render(tables(), out, rich=_is_tty(out), footer=footer)
 
 
 def _report(config: Config) -> Report:
@@ -159,7 +188,7 @@ def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     if args.textfile:
         return cmd_report_textfile(config, args, out)
     report = _report(config)
-    _emit(report_tables(report), report.to_json(), args, out, footer=summary_line(report))
+    _emit(lambda: report_tables(report), report.to_json(), args, out, footer=summary_line(report))
     return EX_OK
 
 
@@ -180,12 +209,14 @@ def cmd_report_textfile(config: Config, args: argparse.Namespace, out: TextIO) -
         print(f"gpu-router: cannot write {args.textfile}: {exc.strerror or exc}", file=sys.stderr)
         return EX_FAIL
     report = snap.report
-    _emit(report_tables(report), report.to_json(), args, out, footer=summary_line(report))
+    _emit(lambda: report_tables(report), report.to_json(), args, out, footer=summary_line(report))
     return EX_OK
 
 
 def _find_model(report: Report, model: str) -> ModelRow | None:
     """The report's row for ``model``, or None after saying so on stderr."""
+    from gpu_router.config import normalize_model_name
+
     name = normalize_model_name(model)
     found = report.model(name)
     if found is None:
@@ -209,7 +240,7 @@ def cmd_route(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         rows,
         note=f"needs {gib(m.need_bytes)} ({m.size_source}: {m.size_detail}); {d.reason}",
     )
-    _emit([table], to_json(m), args, out)
+    _emit(lambda: [table], to_json(m), args, out)
     return EX_OK
 
 
@@ -259,12 +290,13 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         ("NODE", "FITS", "NEEDS", "USABLE", "FREE", "REASON"),
         rows,
     )
-    _emit([table], result, args, out)
+    _emit(lambda: [table], result, args, out)
     return EX_OK
 
 
 def cmd_explain(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``explain MODEL [--node NAME]``: the need on each node, part by part, and why."""
+    from gpu_router.config import normalize_model_name
     from gpu_router.explain import NodeExplanation, explain
     from gpu_router.observe import observe_once
     from gpu_router.planner import plan
@@ -342,7 +374,7 @@ def cmd_explain(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         tuple((label, *(fn(r) for r in rows)) for label, fn in fields),
     )
     notes = sorted({f"{r.node}: {note}" for r in rows for note in r.notes})
-    _emit([table], {}, args, out, footer="\n".join(notes))
+    _emit(lambda: [table], {}, args, out, footer="\n".join(notes))
     return EX_OK
 
 
@@ -366,7 +398,7 @@ def cmd_models(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     table = Table(
         "Models", ("MODEL", "PRIO", "INSTALLED ON", "ON DISK", "VRAM NEEDED", "SOURCE", "CAPABILITIES"), rows
     )
-    _emit([table, model_table(report)], {"models": [to_json(m) for m in report.models]}, args, out)
+    _emit(lambda: [table, model_table(report)], {"models": [to_json(m) for m in report.models]}, args, out)
     return EX_OK
 
 
@@ -377,6 +409,8 @@ def daemon_tables(d: Json) -> list[Table]:
     def when(iso: str | None) -> str:
         if not iso:
             return "-"
+        from datetime import datetime
+
         return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
     facts = [
@@ -596,7 +630,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level or "WARNING" if _one_shot(args) else args.log_level or "INFO")
+    from gpu_router.config import EX_CONFIG, ConfigError
+
+    if not args.check_config:  # which logs nothing: its answer is its output and exit code
+        from gpu_router.systemd import setup_logging
+
+        setup_logging(args.log_level or "WARNING" if _one_shot(args) else args.log_level or "INFO")
     try:
         if args.command == "demo":
             return cmd_demo(args, out)

@@ -7,7 +7,6 @@ the file, the line and the key path (``nodes[1].url``). Nothing here logs or pri
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import pathlib
@@ -210,6 +209,14 @@ _DURATION_UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
+
+
+def _close_matches(word: str, choices: list[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    import difflib  # only for a "did you mean" hint: a valid config never needs it
+
+    return difflib.get_close_matches(word, choices, n=n, cutoff=cutoff)
+
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
@@ -267,7 +274,7 @@ def _line(node: yaml.Node) -> int:
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    close = _close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -489,7 +496,7 @@ class _Walker:
                 if text.lower() == c.lower():
                     return c
             by_lower = {c.lower(): c for c in choices}
-            close = difflib.get_close_matches(text.lower(), list(by_lower), n=1, cutoff=0.6)
+            close = _close_matches(text.lower(), list(by_lower), n=1, cutoff=0.6)
             hint = f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
             self.fail(node, key, f"expected one of {', '.join(choices)}, got {_short(text)}{hint}")
         self.type_error(node, key, f"one of {', '.join(choices)}")
@@ -643,7 +650,7 @@ class _Walker:
             env_key = _join(key, name)
             if not name.startswith(_ENV_PREFIX) or not _ENV_NAME.match(name):
                 bare = name.upper().removeprefix(_ENV_PREFIX)
-                close = difflib.get_close_matches(bare, [n[len(_ENV_PREFIX) :] for n in OLLAMA_SIZING_NAMES])
+                close = _close_matches(bare, [n[len(_ENV_PREFIX) :] for n in OLLAMA_SIZING_NAMES])
                 hint = f" (did you mean '{_ENV_PREFIX}{close[0]}'?)" if close else ""
                 self.fail(
                     name_node,

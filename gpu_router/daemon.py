@@ -304,7 +304,7 @@ class Daemon:
             return False
         total = node.gpu.total_bytes if node.gpu.gpus else None
         return self.store.learn(
-            key, m.size_bytes, model=m.name, file_bytes=sizer.file_bytes.get(m.name), total_vram_bytes=total
+            key, m.size_bytes, model=m.name, file_bytes=sizer.file_size(m.name), total_vram_bytes=total
         )
 
     def _act(self, p: Plan, *, observed_from: float) -> int:

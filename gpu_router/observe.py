@@ -1,8 +1,11 @@
 """Gather a :class:`ClusterState` from every node at once, within one deadline.
 
-Every node is polled in its own worker, and the observation as a whole has one deadline
-(``request_timeout`` plus a little slack): a node that has not answered by then counts as failed
-for this cycle, so one hung host never holds up the loop, the watchdog or the other nodes. A
+Every node is polled in its own worker thread, all started at once, and each call ends one
+``request_timeout`` after it began: a node that has not answered by then counts as failed for this
+cycle, so one hung host (or a hundred) costs one timeout and never holds up the loop, the watchdog
+or the other nodes. The pass waits for calls that began late on a machine short of CPU, up to a
+second timeout. The watch sends every ``/api/ps`` at once on the kept-alive connections and
+reads the answers on one selector. A
 worker left behind by such a node finishes at its own request deadline and is reused; a node whose
 previous poll is still running is not polled again, so threads never pile up.
 
@@ -20,19 +23,24 @@ calls as soon as its tags arrive.
 
 from __future__ import annotations
 
+import _thread
 import logging
+import queue
+import selectors
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
 from gpu_router.config import Config, NodeConfig
 from gpu_router.gpus import GpuSource, make_gpu_source
+from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
 from gpu_router.ollama import NodeUnreachable, OllamaClient, OllamaError
 from gpu_router.state import (
     ClusterState,
@@ -45,6 +53,7 @@ from gpu_router.state import (
     VramSource,
 )
 from gpu_router.store import InfoCache
+from gpu_router.transport import Pending, StaleConnection
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +65,102 @@ DEADLINE_SLACK_S = 0.5
 # /api/tags is asked again at least this often (in observations) even when nothing seems to change,
 # so a model pulled by hand onto a node is seen within TAGS_EVERY reconciles.
 TAGS_EVERY = 10
+# Up to this many calls in a pass, a node's tags and version go out beside its ps, each on its own
+# connection and thread (one round trip). Beyond it, one thread per node asks them after its ps on the
+# same kept-alive connection: at hundreds of nodes the threads and connections (on both sides) cost
+# far more than a round trip on a LAN, and a dead node is found by its ps alone.
+SIDE_BY_SIDE_MAX_CALLS = 256
 # Waiting on the nodes is cut into slices this long, so a stop request and the watchdog are served.
 WAIT_SLICE_S = 0.25
 # A loaded model can never hold more than this, whatever a node says (a sanity bound, 1 PiB).
 ABSURD_BYTES = 2**50
+
+
+class Workers:
+    """The threads that make one observer's calls: every call of a pass starts at once.
+
+    ``ThreadPoolExecutor`` starts a thread inside ``submit`` and waits for it to run, behind the
+    threads already parsing answers for the GIL: with hundreds of nodes the last node's first request
+    left seconds after the first. Here a pass first makes sure there is an idle thread for each call
+    it is about to queue (started without waiting for each to run), then queues them all. Threads stay
+    for the next pass; they never outlive the process (a hung call must not hold up its exit).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # threads waiting for a call
+        self._queued = 0  # calls no thread has taken yet
+        self._closed = False
+
+    @property
+    def threads(self) -> int:
+        """Threads started and not stopped."""
+        return self._threads
+
+    def reserve(self, calls: int) -> None:
+        """Start threads so that ``calls`` more calls queued now each find one idle."""
+        with self._lock:
+            missing = calls - (self._idle - self._queued)
+            if self._closed or missing <= 0:
+                return
+            self._threads += missing
+            self._idle += missing
+        for _ in range(missing):
+            _thread.start_new_thread(self._work, ())
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on an idle thread (one is started if none is free); cancelled once closed."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                future.cancel()
+                return future
+            self._queued += 1
+            short = self._queued > self._idle
+            if short:
+                self._threads += 1
+                self._idle += 1
+        if short:
+            _thread.start_new_thread(self._work, ())
+        self._queue.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """Let every thread end once its call (if any) is done; calls still queued are cancelled."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        for _ in range(threads):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            with self._lock:
+                if item is None:
+                    self._threads -= 1
+                    self._idle -= 1
+                    return
+                self._queued -= 1
+                self._idle -= 1
+                closed = self._closed
+            future, fn, args = item
+            if closed:
+                future.cancel()
+            elif future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, item
+            with self._lock:
+                self._idle += 1
 
 
 def _client(node: NodeConfig, timeout_s: float) -> OllamaClient:
@@ -328,9 +429,8 @@ class Observer:
         )
         self.clients = self.links.clients
         self.gpu_sources = self.links.gpu_sources
-        # Enough workers for every node's poll, its tags and version, and its GPU source at once:
-        # no node waits for a free thread, whatever the others do.
-        self._pool = ThreadPoolExecutor(max_workers=4 * len(config.nodes) + 8, thread_name_prefix="observe")
+        # A thread for every call of a pass, so no node waits for a free one whatever the others do.
+        self._pool = Workers()
         self._info = info_cache if info_cache is not None else InfoCache(None)
         self._shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
         self._lock = threading.Lock()
@@ -357,7 +457,7 @@ class Observer:
 
     def close(self) -> None:
         """Stop the workers; close the connections when this observer made them."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
         if self._own_links:
             self.links.close()
         self._info.save()
@@ -373,41 +473,78 @@ class Observer:
     ) -> ClusterState:
         """Poll every node and GPU source concurrently; never raises for a node's failure.
 
-        Returns by the deadline whatever the nodes do, or soon after ``cancel`` is set; ``tick`` is
-        called while waiting (the daemon pings the systemd watchdog from it).
+        Returns one ``request_timeout`` (plus slack) after the last poll began, and never later than
+        two, whatever the nodes do; or soon after ``cancel`` is set. ``tick`` is called while
+        waiting (the daemon pings the systemd watchdog from it).
         """
         start = self._mono()
         deadline = start + self.deadline_s
+        # When each poll's latest call began (it ends one request_timeout later, see _poll). A poll
+        # that got its thread late, on a machine short of CPU, is waited for, up to a second
+        # timeout: slow here is not down there.
+        ends: dict[str, float] = {}
+        cap = deadline + self.config.request_timeout_s
+
+        def until() -> float:
+            return min(cap, max(deadline, max(ends.values(), default=start) + DEADLINE_SLACK_S))
+
         polls: dict[str, Future[_Polled] | None] = {}
-        gpus: dict[str, Future[GpuReading] | None] = {}
+        gpus: dict[str, Future[GpuReading] | GpuReading | None] = {}
+        # Every call of the pass goes out at once: count them, have a thread ready for each, queue.
+        fresh: list[tuple[NodeConfig, bool, bool]] = []
+        calls = 0
         for n in self.config.nodes:
             if not self.health.due(n.name):
                 polls[n.name] = gpus[n.name] = None  # down and backing off: costs nothing this time
                 continue
+            if _no_io(self.gpu_sources[n.name]):
+                gpus[n.name] = self._read_gpu(n.name)
+            else:
+                calls += 1
             busy = self._busy.get(n.name)
             if busy is not None and not busy.done():
                 polls[n.name] = busy  # still running from last time: wait for it, start nothing new
-            else:
-                polls[n.name] = self._busy[n.name] = self._pool.submit(self._poll, n)
-            gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
-        waiting = [f for f in (*polls.values(), *gpus.values()) if f is not None]
-        self._wait(waiting, deadline, cancel, tick)
-        # Then the /api/show calls each node started as soon as its tags came, within what is left.
-        shows = [
-            f
-            for p in polls.values()
-            if p is not None and p.done() and p.exception() is None
-            for f in p.result().shows.values()
-        ]
-        if shows:
-            self._wait(shows, deadline, cancel, tick)
+                continue
+            need_tags = self._tags_due(n.name)
+            need_version = n.name not in self._versions
+            fresh.append((n, need_tags, need_version))
+            calls += 1 + need_tags + need_version
+        side_by_side = calls <= SIDE_BY_SIDE_MAX_CALLS
+        if not side_by_side:
+            calls = len(gpus) - sum(isinstance(g, GpuReading) for g in gpus.values()) + len(fresh)
+        self._pool.reserve(calls)
+        for n, need_tags, need_version in fresh:
+            client = self.clients[n.name]
+            tags_f = version_f = None
+            if side_by_side:
+                tags_f = self._pool.submit(self._tags_and_shows, n.name) if need_tags else None
+                version_f = self._pool.submit(client.version) if need_version else None
+                need_tags = need_version = False
+            polls[n.name] = self._busy[n.name] = self._pool.submit(
+                self._poll, n, ends, tags_f, version_f, need_tags, need_version
+            )
+        for n in self.config.nodes:
+            if polls.get(n.name) is not None and n.name not in gpus:
+                gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
+        self._wait([f for f in polls.values() if f is not None], until, cancel, tick)
+        # Then, within what is left, the GPU readings of the nodes that answered (a dead node's
+        # exporter is no use) and the /api/show calls each node started as soon as its tags came.
+        answered = [name for name, p in polls.items() if p is not None and p.done() and p.exception() is None]
+        rest: list[Future[Any]] = [f for name in answered if isinstance(f := gpus[name], Future)]
+        for name in answered:
+            p = polls[name]
+            assert p is not None
+            rest.extend(p.result().shows.values())
+        if rest:
+            self._wait(rest, until, cancel, tick)
         nodes = []
         for n in self.config.nodes:
             future, gpu_future = polls[n.name], gpus[n.name]
             if future is None or gpu_future is None:
                 nodes.append(self.health.skipped(n))
                 continue
-            nodes.append(self._judge(n, future, self._gpu_result(gpu_future), self._mono() - start).state)
+            gpu = gpu_future if isinstance(gpu_future, GpuReading) else self._gpu_result(gpu_future)
+            nodes.append(self._judge(n, future, gpu, self._mono() - start).state)
         self.health.forget({n.name for n in self.config.nodes})
         self._info.save()
         return ClusterState(tuple(nodes), observed_at=self._clock())
@@ -415,14 +552,15 @@ class Observer:
     def _wait(
         self,
         futures: Sequence[Future[Any]],
-        deadline: float,
+        deadline: float | Callable[[], float],
         cancel: threading.Event | None,
         tick: Callable[[], object] | None,
     ) -> None:
-        """Wait for ``futures`` until the deadline, in short slices so cancel and tick are served."""
+        """Wait for ``futures`` until the deadline (or what it says now), in short slices so cancel
+        and tick are served."""
         pending = list(futures)
         while pending:
-            left = deadline - self._mono()
+            left = (deadline() if callable(deadline) else deadline) - self._mono()
             if left <= 0 or (cancel is not None and cancel.is_set()):
                 return
             _, not_done = wait_futures(pending, timeout=min(left, WAIT_SLICE_S))
@@ -471,22 +609,49 @@ class Observer:
         )
         return self.health.record(fresh, None)
 
-    def _poll(self, node: NodeConfig) -> _Polled:
-        """One node's answers: ps, with tags and version alongside when needed, then its shows."""
-        client = self.clients[node.name]
-        need_tags = (
-            node.name in self._refresh_tags
-            or node.name not in self._tags
-            or self._tags_age.get(node.name, 0) >= TAGS_EVERY - 1
+    def _tags_due(self, node: str) -> bool:
+        return (
+            node in self._refresh_tags
+            or node not in self._tags
+            or self._tags_age.get(node, 0) >= TAGS_EVERY - 1
         )
-        tags_f = self._pool.submit(client.tags) if need_tags else None
-        version_f = self._pool.submit(client.version) if node.name not in self._versions else None
+
+    def _poll(
+        self,
+        node: NodeConfig,
+        ends: dict[str, float],
+        tags_f: Future[tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]]
+        | None,
+        version_f: Future[str] | None,
+        tags_here: bool = False,
+        version_here: bool = False,
+    ) -> _Polled:
+        """One node's answers: ps, its tags and version when due, and its shows.
+
+        Tags and version come as futures already asked beside the ps, or (``*_here``, in a large
+        pass) are asked here after it on the same connection.
+        """
+        timeout = self.config.request_timeout_s
+
+        def begins() -> None:
+            # Each call has request_timeout from its own start; the pass waits for the last one.
+            ends[node.name] = self._mono() + timeout
+
+        begins()
+        client = self.clients[node.name]
         loaded = client.ps()
         seen = frozenset((m.name, m.digest) for m in loaded)
-        if not need_tags and seen != self._ps_seen.get(node.name):
-            tags_f = self._pool.submit(client.tags)  # the loaded set moved: the disk may have too
-        if tags_f is not None:
-            installed = tags_f.result()
+        moved = seen != self._ps_seen.get(node.name)
+        shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
+        found = None
+        if tags_here or (tags_f is None and moved):
+            # Due, or the loaded set moved (the disk may have too).
+            begins()
+            found = self._tags_and_shows(node.name)
+        elif tags_f is not None:
+            found = tags_f.result()
+        if found is not None:
+            installed, shows = found
             self._tags[node.name] = installed
             self._tags_age[node.name] = 0
             self._refresh_tags.discard(node.name)
@@ -494,21 +659,45 @@ class Observer:
             installed = self._tags[node.name]
             self._tags_age[node.name] = self._tags_age.get(node.name, 0) + 1
         self._ps_seen[node.name] = seen
-        if version_f is not None:
+        if version_here:
+            begins()
+            self._versions[node.name] = client.version()
+        elif version_f is not None:
             self._versions[node.name] = version_f.result()
-        polled = _Polled(loaded, installed, self._versions.get(node.name))
-        wanted = {m.name: m.digest for m in installed}
-        for m in loaded:
-            wanted.setdefault(m.name, m.digest)
-        for name, digest in wanted.items():
-            key = (name, digest)
-            if digest and self._info.get(digest) is None:
-                with self._lock:
-                    f = self._shows.get(key)
-                    if f is None or (f.done() and f.result() is None):
-                        f = self._shows[key] = self._pool.submit(self._show, node.name, name, digest)
-                polled.shows[key] = f
+        polled = _Polled(loaded, installed, self._versions.get(node.name), shows)
+        # A loaded model missing from the tags (a cloud model, a tags answer from before its pull).
+        on_disk = {m.name for m in installed}
+        self._ask_shows(node.name, [(m.name, m.digest) for m in loaded if m.name not in on_disk], shows)
         return polled
+
+    def _tags_and_shows(
+        self, node: str
+    ) -> tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]:
+        """The node's tags, and a show for each model not in the cache, sent as soon as the tags arrive.
+
+        The shows keep their own timeout: what they bring is cached for later passes too.
+        """
+        installed = self.clients[node].tags()
+        shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
+        self._ask_shows(node, [(m.name, m.digest) for m in installed], shows)
+        return installed, shows
+
+    def _ask_shows(
+        self,
+        node: str,
+        models: Sequence[tuple[str, str]],
+        into: dict[tuple[str, str], Future[ModelInfo | None]],
+    ) -> None:
+        """Ask /api/show for models whose digest is not cached (once per digest across the cluster)."""
+        for key in models:
+            name, digest = key
+            if not digest or self._info.get(digest) is not None or key in into:
+                continue
+            with self._lock:
+                f = self._shows.get(key)
+                if f is None or (f.done() and f.result() is None):
+                    f = self._shows[key] = self._pool.submit(self._show, node, name, digest)
+            into[key] = f
 
     def _show(self, node: str, model: str, digest: str) -> ModelInfo | None:
         try:
@@ -536,6 +725,71 @@ class Observer:
 
     # ------------------------------------------------------------------ watch
 
+    def _ps_all(
+        self,
+        due: Sequence[tuple[str, OllamaClient]],
+        calls_end: float,
+        deadline: float,
+        cancel: threading.Event | None,
+        tick: Callable[[], object] | None,
+    ) -> dict[str, Future[tuple[LoadedModel, ...]]]:
+        """``/api/ps`` of many nodes from this thread: one selector instead of a thread per node.
+
+        Every request goes out at once on the node's kept-alive connection, and each answer is read
+        here once it has arrived whole (nothing here waits on one node). A node with no idle
+        connection, an answer arriving in pieces, a connection the node had closed, and whatever is
+        still unanswered at the deadline go to the worker threads, as every call did before: a thread
+        wake-up per node was a third of an idle watch's CPU at 100 nodes.
+        """
+        out: dict[str, Future[tuple[LoadedModel, ...]]] = {}
+        started: dict[str, Pending] = {}
+        for name, client in due:
+            pending = client.start_ps(deadline=calls_end)
+            if pending is None:
+                out[name] = self._pool.submit(partial(client.ps, deadline=calls_end))
+            else:
+                started[name] = pending
+        if not started:
+            return out
+        selector = selectors.DefaultSelector()
+        try:
+            for name, pending in started.items():
+                selector.register(pending, selectors.EVENT_READ, name)
+            while started and self._mono() < deadline and not (cancel is not None and cancel.is_set()):
+                for key, _ in selector.select(min(deadline - self._mono(), WAIT_SLICE_S)):
+                    name = key.data
+                    pending = started.pop(name)
+                    selector.unregister(pending)
+                    client = self.clients[name]
+                    if pending.complete():
+                        out[name] = self._read_ps(client, pending, calls_end)
+                    else:
+                        out[name] = self._pool.submit(self._finish_ps, client, pending, calls_end)
+                if tick is not None:
+                    tick()
+        finally:
+            selector.close()
+        for name, pending in started.items():  # no answer in time: finish (or time out) in the background
+            out[name] = self._pool.submit(self._finish_ps, self.clients[name], pending, calls_end)
+        return out
+
+    def _read_ps(
+        self, client: OllamaClient, pending: Pending, calls_end: float
+    ) -> Future[tuple[LoadedModel, ...]]:
+        try:
+            loaded = client.finish_ps(pending)
+        except StaleConnection:
+            return self._pool.submit(partial(client.ps, deadline=calls_end))  # connects: not in this thread
+        except Exception as exc:  # noqa: BLE001 - the node's failure, read like a worker's
+            return _done(partial(_raise, exc))
+        return _done(lambda: loaded)
+
+    def _finish_ps(self, client: OllamaClient, pending: Pending, calls_end: float) -> tuple[LoadedModel, ...]:
+        try:
+            return client.finish_ps(pending)
+        except StaleConnection:
+            return client.ps(deadline=calls_end)
+
     def watch(
         self, *, cancel: threading.Event | None = None, tick: Callable[[], object] | None = None
     ) -> dict[str, tuple[LoadedModel, ...] | OllamaError]:
@@ -544,7 +798,9 @@ class Observer:
         Nodes skipped by their down backoff are left out of the result.
         """
         deadline = self._mono() + self.deadline_s
-        futures = {name: self._pool.submit(c.ps) for name, c in self.clients.items() if self.health.due(name)}
+        calls_end = time.monotonic() + self.config.request_timeout_s
+        due = [(name, c) for name, c in self.clients.items() if self.health.due(name)]
+        futures = self._ps_all(due, calls_end, deadline, cancel, tick)
         self._wait(list(futures.values()), deadline, cancel, tick)
         out: dict[str, tuple[LoadedModel, ...] | OllamaError] = {}
         urls = {n.name: n.url for n in self.config.nodes}
@@ -565,6 +821,25 @@ class Observer:
                     self._versions.pop(name, None)
             out[name] = result
         return out
+
+
+def _done(fn: Callable[[], Any]) -> Future[Any]:
+    """A future already holding what ``fn()`` returned or raised."""
+    future: Future[Any] = Future()
+    try:
+        future.set_result(fn())
+    except Exception as exc:  # noqa: BLE001 - handed to whoever reads the future, as a worker would
+        future.set_exception(exc)
+    return future
+
+
+def _no_io(source: GpuSource) -> bool:
+    """A source that answers from the config: read in the pass itself, no thread needed."""
+    return isinstance(source, (StaticSource, NoGpuSource, UnknownSource))
+
+
+def _raise(exc: BaseException) -> Any:
+    raise exc
 
 
 def _bug(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from gpu_router.memory.ggml import Tensor, summarize_tensors
 from gpu_router.state import (
     InstalledModel,
+    InstalledModels,
     LoadedModel,
     ModelInfo,
     NodeStatus,
@@ -26,7 +27,14 @@ from gpu_router.state import (
     TensorSummary,
     VisionInfo,
 )
-from gpu_router.transport import DEFAULT_MAX_BODY_BYTES, HttpClient, LineStream, TransportError
+from gpu_router.transport import (
+    DEFAULT_MAX_BODY_BYTES,
+    HttpClient,
+    LineStream,
+    Pending,
+    Response,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +163,7 @@ def parse_ps(body: Any, node: str = "node") -> tuple[LoadedModel, ...]:
     return tuple(loaded)
 
 
-def parse_tags(body: Any, node: str = "node") -> tuple[InstalledModel, ...]:
+def parse_tags(body: Any, node: str = "node") -> InstalledModels:
     """Parse a ``GET /api/tags`` body."""
     installed = []
     for i, e in enumerate(_entries(body, node, "/api/tags")):
@@ -176,7 +184,7 @@ def parse_tags(body: Any, node: str = "node") -> tuple[InstalledModel, ...]:
                 remote=_is_remote(e),
             )
         )
-    return tuple(installed)
+    return InstalledModels(installed)
 
 
 def _is_remote(entry: Mapping[str, Any]) -> bool:
@@ -460,14 +468,21 @@ class OllamaClient:
         body: Mapping[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
+        deadline: float | None = None,
     ) -> Any:
         try:
-            resp = self._http.request(method, path, json_body=body, timeout_s=timeout_s)
+            resp = self._http.request(method, path, json_body=body, timeout_s=timeout_s, deadline=deadline)
         except TransportError as exc:
-            # Nothing (usable) answered: down. The server answered, but badly (TLS, cap, redirect,
-            # invalid HTTP): error.
-            kind = BadResponse if exc.answered else NodeUnreachable
-            raise kind(self.name, f"{method} {path}: {exc.reason}") from None
+            raise self._failed(method, path, exc) from None
+        return self._json(method, path, resp)
+
+    def _failed(self, method: str, path: str, exc: TransportError) -> OllamaError:
+        # Nothing (usable) answered: down. The server answered, but badly (TLS, cap, redirect,
+        # invalid HTTP): error.
+        kind = BadResponse if exc.answered else NodeUnreachable
+        return kind(self.name, f"{method} {path}: {exc.reason}")
+
+    def _json(self, method: str, path: str, resp: Response) -> Any:
         data, problem = _decode_json(resp.body)
         if resp.status >= 400:
             error = data.get("error") if isinstance(data, dict) else None
@@ -486,11 +501,12 @@ class OllamaClient:
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
             raise BadResponse(self.name, f"{what}: cannot use the response ({type(exc).__name__})") from None
 
-    # Read-only calls: the report uses only these.
+    # Read-only calls: the report uses only these. ``deadline`` (``time.monotonic()``) ends a call
+    # before its timeout: the calls of one poll all end by the poll's deadline.
 
-    def version(self) -> str:
+    def version(self, *, deadline: float | None = None) -> str:
         """``GET /api/version``."""
-        body = self._call("GET", "/api/version")
+        body = self._call("GET", "/api/version", deadline=deadline)
         if not isinstance(body, dict) or not isinstance(body.get("version"), str):
             raise BadResponse(self.name, "/api/version: no 'version' string")
         version = str(body["version"])
@@ -499,14 +515,30 @@ class OllamaClient:
             raise BadResponse(self.name, f"/api/version: a version string of {len(version)} characters")
         return version
 
-    def ps(self) -> tuple[LoadedModel, ...]:
+    def ps(self, *, deadline: float | None = None) -> tuple[LoadedModel, ...]:
         """``GET /api/ps``: the models loaded now."""
-        body = self._call("GET", "/api/ps")
+        body = self._call("GET", "/api/ps", deadline=deadline)
         return self._parse("/api/ps", lambda: parse_ps(body, self.name))
 
-    def tags(self) -> tuple[InstalledModel, ...]:
+    def start_ps(self, *, deadline: float | None = None) -> Pending | None:
+        """Send ``GET /api/ps`` on an idle kept-alive connection; None when :meth:`ps` must be used.
+
+        The watch polls every node from one thread this way (see ``Observer.watch``).
+        """
+        return self._http.start("GET", "/api/ps", deadline=deadline)
+
+    def finish_ps(self, pending: Pending) -> tuple[LoadedModel, ...]:
+        """The answer to :meth:`start_ps`, as :meth:`ps` returns it (``StaleConnection``: ask again)."""
+        try:
+            resp = pending.finish()
+        except TransportError as exc:
+            raise self._failed("GET", "/api/ps", exc) from None
+        body = self._json("GET", "/api/ps", resp)
+        return self._parse("/api/ps", lambda: parse_ps(body, self.name))
+
+    def tags(self, *, deadline: float | None = None) -> tuple[InstalledModel, ...]:
         """``GET /api/tags``: the models on the node's disk."""
-        body = self._call("GET", "/api/tags")
+        body = self._call("GET", "/api/tags", deadline=deadline)
         return self._parse("/api/tags", lambda: parse_tags(body, self.name))
 
     def show(self, model: str) -> ModelInfo:

@@ -32,7 +32,17 @@ from gpu_router.memory import (
     parse_ollama_env,
 )
 from gpu_router.memory.version import Era
-from gpu_router.state import MIB, ClusterState, LoadedModel, ModelInfo, NodeState, Processor, VramSource
+from gpu_router.state import (
+    MIB,
+    ClusterState,
+    InstalledModel,
+    InstalledModels,
+    LoadedModel,
+    ModelInfo,
+    NodeState,
+    Processor,
+    VramSource,
+)
 from gpu_router.store import SizeKey
 
 # Ollama reserves this much per GPU before placing any layer (ml/device.go MinimumMemory, CUDA/ROCm).
@@ -119,15 +129,14 @@ def node_env(config: Config, node: NodeConfig | None) -> OllamaEnv:
         return OllamaEnv()
 
 
+def _library(source: VramSource, detail: str) -> str:
+    return "rocm" if source is VramSource.AMD or detail.startswith(("amd", "omnistat")) else "cuda"
+
+
 def node_profile(node: NodeState, env: OllamaEnv) -> NodeProfile:
     """What decides a model's memory on ``node``: its version, its GPUs, its settings."""
     totals = tuple(g.total_bytes for g in node.gpu.gpus if g.total_bytes > 0)
-    library = (
-        "rocm"
-        if node.gpu.source is VramSource.AMD or node.gpu.detail.startswith(("amd", "omnistat"))
-        else "cuda"
-    )
-    return NodeProfile(node.version, totals, env, library)
+    return NodeProfile(node.version, totals, env, _library(node.gpu.source, node.gpu.detail))
 
 
 def size_key(digest: str, m: MemoryEstimate, context_length: int | None = None) -> SizeKey:
@@ -140,7 +149,10 @@ class Sizer:
     """Needs per (model, node) for one observation, each from the best source; cached per profile.
 
     Many nodes share a profile (same version, GPUs and settings), so the engine runs once per
-    (model, profile, num_ctx), not once per node.
+    (model, profile, num_ctx), not once per node. What the sizing of one model needs from the whole
+    cluster (its file size, digest, the sizes /api/ps shows for it) is gathered when that model is
+    first sized: the daemon sizes only its priority models, and a pass over 10,000 nodes x 200
+    installed models must not look at every installed model of every node to do that.
     """
 
     def __init__(
@@ -153,33 +165,81 @@ class Sizer:
         self._state = state
         self._needs = needs or {}
         self._learned = learned or {}
+        self._up = [n for n in state.nodes if n.up]
         configs = {n.name: n for n in config.nodes}
-        envs: dict[NodeConfig | None, OllamaEnv] = {}
+        top = node_env(config, None)
+        envs: dict[tuple[tuple[str, object], ...], OllamaEnv] = {}
+        # Equal profiles are one object, numbered in node order: the planner groups nodes by number.
+        interned: dict[tuple[object, ...], int] = {}
+        self.distinct_profiles: list[NodeProfile] = []
+        self.profile_ids: dict[str, int] = {}
         self.profiles: dict[str, NodeProfile] = {}
         for n in state.nodes:
             cfg = configs.get(n.name)
-            if cfg not in envs:
-                envs[cfg] = node_env(config, cfg)
-            self.profiles[n.name] = node_profile(n, envs[cfg])
-        self.file_bytes: dict[str, int] = {}
-        self.digests: dict[str, str] = {}
-        self.cloud: set[str] = set()
-        for n in state.nodes:
-            if not n.up:
-                continue
-            for inst in n.installed:
-                if inst.size_bytes > self.file_bytes.get(inst.name, 0):
-                    self.file_bytes[inst.name] = inst.size_bytes
-                if inst.digest:
-                    self.digests.setdefault(inst.name, inst.digest)
-                if inst.remote:
-                    self.cloud.add(inst.name)
-            for m in n.loaded:
-                if m.digest:
-                    self.digests.setdefault(m.name, m.digest)
+            env = top
+            if cfg is not None and cfg.ollama_env:
+                key = tuple(sorted(cfg.ollama_env.items()))
+                env = envs.get(key) or envs.setdefault(key, node_env(config, cfg))
+            reading = n.gpu
+            totals = tuple(g.total_bytes for g in reading.gpus if g.total_bytes > 0)
+            library = _library(reading.source, reading.detail)
+            ident = (n.version, totals, id(env), library)
+            pid = interned.get(ident)
+            if pid is None:
+                pid = interned[ident] = len(self.distinct_profiles)
+                self.distinct_profiles.append(NodeProfile(n.version, totals, env, library))
+            self.profile_ids[n.name] = pid
+            self.profiles[n.name] = self.distinct_profiles[pid]
+        self._sizes: dict[str, int | None] = {}
+        self._cloud: frozenset[str] | None = None
+        self._digests: dict[str, str] = {}
+        self._maps: list[tuple[Mapping[str, InstalledModel], Mapping[str, LoadedModel]]] | None = None
         self._estimates: dict[tuple[str, NodeProfile, int | None], MemoryEstimate | None] = {}
-        self._needs_cache: dict[tuple[str, NodeProfile, int | None], SizeEstimate] = {}
-        self._observed = self._observed_sizes()
+        self._needs_cache: dict[tuple[str, int, int | None], SizeEstimate] = {}
+        self._observed: dict[str, dict[SizeKey, tuple[int, str]]] = {}
+
+    def _cloud_names(self) -> frozenset[str]:
+        """Every model some node that is up lists as a cloud model."""
+        if self._cloud is None:
+            names: set[str] = set()
+            for n in self._up:
+                listed = n.installed
+                if isinstance(listed, InstalledModels):
+                    names.update(listed.remote_names)  # cached with the tags between polls
+                else:
+                    names.update(m.name for m in listed if m.remote)
+            self._cloud = frozenset(names)
+        return self._cloud
+
+    def _indexes(self) -> list[tuple[Mapping[str, InstalledModel], Mapping[str, LoadedModel]]]:
+        if self._maps is None:
+            self._maps = [(n.installed_by_name, n.loaded_by_name) for n in self._up]
+        return self._maps
+
+    def file_size(self, model: str) -> int | None:
+        """The model's size on disk (the largest any node that is up reports), None if none has it."""
+        if model not in self._sizes:
+            sizes = [
+                i.size_bytes for installed, _ in self._indexes() if (i := installed.get(model)) is not None
+            ]
+            self._sizes[model] = max(sizes, default=0) or None
+        return self._sizes[model]
+
+    def digest(self, model: str) -> str:
+        """The model's digest, from the first node (in config order) that lists it; "" if none."""
+        found = self._digests.get(model)
+        if found is None:
+            found = ""
+            for installed, loaded in self._indexes():
+                # The node's tags first, else what it has loaded.
+                on_disk, running = installed.get(model), loaded.get(model)
+                found = (on_disk.digest if on_disk is not None else "") or (
+                    running.digest if running is not None else ""
+                )
+                if found:
+                    break
+            self._digests[model] = found
+        return found
 
     def info(self, model: str) -> ModelInfo | None:
         """The model's ``/api/show`` metadata, from the first node that reported it."""
@@ -188,14 +248,14 @@ class Sizer:
     def is_cloud(self, model: str) -> bool:
         """A cloud model (``remote_model``/``remote_host``): it runs elsewhere, never placed here."""
         info = self.info(model)
-        return model in self.cloud or (info is not None and info.remote)
+        return model in self._cloud_names() or (info is not None and info.remote)
 
     def estimate(self, model: str, profile: NodeProfile, num_ctx: int | None = None) -> MemoryEstimate | None:
         """The engine's estimate for ``model`` under ``profile`` (cached)."""
         key = (model, profile, num_ctx)
         if key not in self._estimates:
             info = self.info(model)
-            file_bytes = self.file_bytes.get(model)
+            file_bytes = self.file_size(model)
             est = None
             if info is not None and file_bytes and not self.is_cloud(model):
                 est = estimate_memory(info, file_bytes, profile, num_ctx=num_ctx)
@@ -204,11 +264,14 @@ class Sizer:
 
     def need(self, model: str, node: str, num_ctx: int | None = None) -> SizeEstimate:
         """What ``model`` needs on ``node`` (at ``num_ctx`` when gpu-router asks for one)."""
-        profile = self.profiles[node]
-        key = (model, profile, num_ctx)
+        return self.profile_need(model, self.profile_ids[node], num_ctx)
+
+    def profile_need(self, model: str, pid: int, num_ctx: int | None = None) -> SizeEstimate:
+        """What ``model`` needs on the nodes of profile number ``pid`` (see ``profile_ids``)."""
+        key = (model, pid, num_ctx)
         found = self._needs_cache.get(key)
         if found is None:
-            found = self._needs_cache[key] = self._need(model, profile, num_ctx)
+            found = self._needs_cache[key] = self._need(model, self.distinct_profiles[pid], num_ctx)
         return found
 
     def _need(self, model: str, profile: NodeProfile, num_ctx: int | None) -> SizeEstimate:
@@ -219,13 +282,13 @@ class Sizer:
             return SizeEstimate(None, SizeSource.CLOUD, "a cloud model: it runs on Ollama's servers")
         est = self.estimate(model, profile, num_ctx)
         if est is None:
-            return file_estimate(self.file_bytes.get(model))
+            return file_estimate(self.file_size(model))
         ctx = est.ps_context_length or est.context_length
         era = est.era.value
-        digest = self.digests.get(model, "")
+        digest = self.digest(model)
         key = size_key(digest, est) if digest else None
         if key is not None:
-            seen = self._observed.get(key)
+            seen = self._observed_sizes(model).get(key)
             if seen is not None:
                 need = need_from_observed(seen[0], est)
                 detail = f"/api/ps on {seen[1]} ({_mib(seen[0])}) + what {era} keeps beside it"
@@ -237,19 +300,19 @@ class Sizer:
                 return SizeEstimate(need, SizeSource.LEARNED, detail, ctx, era, est, key)
         return SizeEstimate(est.need_bytes, SizeSource.ESTIMATED, describe(est), ctx, era, est, key)
 
-    def _observed_sizes(self) -> dict[SizeKey, tuple[int, str]]:
-        """Sizes /api/ps shows now for models fully on GPU, by key (the largest, and where)."""
-        out: dict[SizeKey, tuple[int, str]] = {}
-        for n in self._state.nodes:
-            if not n.up:
-                continue
-            for m in n.loaded:
-                if m.processor is not Processor.GPU or m.name in n.suspect:
+    def _observed_sizes(self, model: str) -> dict[SizeKey, tuple[int, str]]:
+        """Sizes /api/ps shows now for ``model`` fully on GPU, by key (the largest, and where)."""
+        found = self._observed.get(model)
+        if found is None:
+            found = self._observed[model] = {}
+            for n in self._up:
+                m = n.loaded_model(model)
+                if m is None or m.processor is not Processor.GPU or model in n.suspect:
                     continue
                 key = self.key_for(n.name, m)
-                if key is not None and m.size_bytes > out.get(key, (0, ""))[0]:
-                    out[key] = (m.size_bytes, n.name)
-        return out
+                if key is not None and m.size_bytes > found.get(key, (0, ""))[0]:
+                    found[key] = (m.size_bytes, n.name)
+        return found
 
     def key_for(self, node: str, m: LoadedModel) -> SizeKey | None:
         """The key a loaded model's /api/ps size is filed under on ``node``, None if it cannot be told.
@@ -261,7 +324,7 @@ class Sizer:
         return found[0] if found is not None else None
 
     def _keyed(self, node: str, m: LoadedModel) -> tuple[SizeKey, MemoryEstimate] | None:
-        digest = m.digest or self.digests.get(m.name, "")
+        digest = m.digest or self.digest(m.name)
         est = self.estimate(m.name, self.profiles[node]) if node in self.profiles else None
         if not digest or est is None:
             return None

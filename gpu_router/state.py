@@ -6,44 +6,69 @@ means *unknown*, never zero: a GPU whose free memory could not be read is not a 
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
 from types import MappingProxyType
+from typing import Any, Generic, TypeVar, overload
+
+from gpu_router.enums import NodeStatus, Processor, VramSource
+
+__all__ = [
+    "GIB",
+    "MIB",
+    "ClusterState",
+    "Gpu",
+    "GpuReading",
+    "InstalledModel",
+    "InstalledModels",
+    "LoadedModel",
+    "ModelInfo",
+    "NodeState",
+    "NodeStatus",
+    "Processor",
+    "ProjectorInfo",
+    "SsmInfo",
+    "TensorSummary",
+    "VisionInfo",
+    "VramSource",
+]
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
-
-class NodeStatus(str, enum.Enum):
-    """What a node is, judged over its recent polls (see ``observe.NodeHealth``)."""
-
-    UP = "up"
-    # Answers, but badly (5xx, bodies it cannot read), or missed fewer polls in a row than down_after.
-    DEGRADED = "degraded"
-    DOWN = "down"  # no answer (refused, DNS, timeout) for down_after polls in a row
-    ERROR = "degraded"  # an alias: what one failed call says about a node that answered badly
+T = TypeVar("T")
 
 
-class VramSource(str, enum.Enum):
-    """Where a node's GPU memory figures came from."""
+class _memo(Generic[T]):
+    """``functools.cached_property`` without its lock.
 
-    NVML = "nvml"
-    AMD = "amd"  # this machine's AMD GPUs, read from the amdgpu driver's sysfs files
-    EXPORTER = "exporter"
-    STATIC = "static"
-    NONE = "none"  # configured CPU-only
-    UNKNOWN = "unknown"  # no source configured, or the source failed
+    Python 3.11's cached_property takes a lock on every first access: at 10,000 nodes that was a
+    visible part of a planning pass. The value goes into the instance ``__dict__`` (a frozen
+    dataclass has one), so later reads never reach this descriptor; two threads racing on the first
+    read both compute it, which is harmless for these pure indexes.
+    """
 
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+        self._name: str = fn.__name__
+        self.__doc__ = fn.__doc__
 
-class Processor(str, enum.Enum):
-    """Where a loaded model sits, as ``ollama ps`` would say."""
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
 
-    GPU = "gpu"
-    CPU = "cpu"
-    PARTIAL = "partial"
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _memo[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> T | _memo[T]:
+        if obj is None:
+            return self
+        value: T = self._fn(obj)
+        obj.__dict__[self._name] = value
+        return value
 
 
 @dataclass(frozen=True)
@@ -140,6 +165,24 @@ class InstalledModel:
     parameter_size: str = ""
     quantization_level: str = ""
     remote: bool = False  # a cloud model (remote_model / remote_host): runs elsewhere, never sized
+
+
+class InstalledModels(tuple[InstalledModel, ...]):
+    """A node's ``/api/tags`` entries, indexed by name on first use.
+
+    The observer keeps one between polls (tags are asked again only now and then), so a large
+    cluster's planner does not index 200 entries of 10,000 nodes again on every reconcile.
+    """
+
+    @_memo
+    def by_name(self) -> dict[str, InstalledModel]:
+        """The entries by model name (the last one wins if a name repeats). Do not change it."""
+        return {m.name: m for m in self}
+
+    @_memo
+    def remote_names(self) -> frozenset[str]:
+        """Names of the cloud models among them (usually none)."""
+        return frozenset(m.name for m in self if m.remote)
 
 
 @dataclass(frozen=True)
@@ -314,15 +357,18 @@ class NodeState:
         """The node answered with a valid ``/api/ps``."""
         return self.status is NodeStatus.UP
 
-    # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass;
-    # the planner looks models up per node thousands of times in a large cluster.
-    @cached_property
-    def _loaded_by_name(self) -> dict[str, LoadedModel]:
+    # Indexes built on first use and kept in the instance __dict__ (see _memo): the planner looks
+    # models up per node thousands of times in a large cluster. Do not change what they return.
+    @_memo
+    def loaded_by_name(self) -> Mapping[str, LoadedModel]:
+        """The ``/api/ps`` entries by model name."""
         return {m.name: m for m in self.loaded}
 
-    @cached_property
-    def _installed_by_name(self) -> dict[str, InstalledModel]:
-        return {m.name: m for m in self.installed}
+    @_memo
+    def installed_by_name(self) -> Mapping[str, InstalledModel]:
+        """The ``/api/tags`` entries by model name (kept with the tags between polls)."""
+        found = self.installed
+        return found.by_name if isinstance(found, InstalledModels) else {m.name: m for m in found}
 
     def model_digests(self) -> dict[str, str]:
         """Every model on the node, installed or loaded, with its digest."""
@@ -333,11 +379,11 @@ class NodeState:
 
     def loaded_model(self, name: str) -> LoadedModel | None:
         """The ``/api/ps`` entry for ``name``, if loaded."""
-        return self._loaded_by_name.get(name)
+        return self.loaded_by_name.get(name)
 
     def installed_model(self, name: str) -> InstalledModel | None:
         """The ``/api/tags`` entry for ``name``, if on disk."""
-        return self._installed_by_name.get(name)
+        return self.installed_by_name.get(name)
 
 
 @dataclass(frozen=True)
@@ -347,7 +393,7 @@ class ClusterState:
     nodes: tuple[NodeState, ...]
     observed_at: datetime | None = None
 
-    @cached_property
+    @_memo
     def _by_name(self) -> dict[str, NodeState]:
         return {n.name: n for n in self.nodes}
 
@@ -355,7 +401,7 @@ class ClusterState:
         """The node called ``name``."""
         return self._by_name.get(name)
 
-    @cached_property
+    @_memo
     def _info_by_name(self) -> dict[str, ModelInfo]:
         out: dict[str, ModelInfo] = {}
         for n in self.nodes:

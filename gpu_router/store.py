@@ -14,11 +14,11 @@ parsing problem logged and the file rebuilt. Nothing here is ever fatal.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import types
 import typing
@@ -98,6 +98,8 @@ def parse_state_json(raw: bytes, path: Path, what: str) -> Any:
 
 def write_atomically(path: Path, data: object, what: str) -> bool:
     """Write JSON to ``path`` through a temp file and a rename; False (logged) on failure."""
+    import tempfile  # here: a report that learns nothing new writes nothing and need not load it
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", dir=path.parent)
@@ -221,15 +223,20 @@ def _key_from_json(e: object) -> SizeKey | None:
 # ----------------------------------------------------------------------------- model metadata
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(ModelInfo)
+@functools.cache
+def _field_types(cls: type = ModelInfo) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _schema() -> str:
-    """Changes when ModelInfo's fields change, so a cache written by another version is dropped."""
-    return ",".join(
-        f"{f.name}:{t}" for f, t in zip(dataclasses.fields(ModelInfo), _field_types().values(), strict=False)
-    )
+@functools.cache
+def _schema(cls: type = ModelInfo) -> str:
+    """Changes when the fields of ModelInfo or of its parts change: a cache of another version is dropped."""
+    parts = []
+    for name, hint in _field_types(cls).items():
+        nested = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
+        inner = "".join(f"{{{_schema(a)}}}" for a in nested if isinstance(a, type))
+        parts.append(f"{name}:{hint}{inner}")
+    return ",".join(parts)
 
 
 def _to_tuples(value: object) -> object:
@@ -239,48 +246,76 @@ def _to_tuples(value: object) -> object:
 
 
 def info_to_json(info: ModelInfo) -> dict[str, Any]:
-    """A ModelInfo as JSON-ready data (tuples become lists)."""
+    """A ModelInfo as JSON-ready data (tuples become lists, its parts nested objects)."""
     return dataclasses.asdict(info)
 
 
-def _fits(value: object, hint: Any) -> bool:
-    """Whether a JSON-decoded value (lists already tuples) is of the annotated type."""
+class _Unfit(Exception):
+    """A cached value does not fit the field it is for."""
+
+
+def _decode(value: object, hint: Any) -> object:
+    """A JSON-decoded value (lists already tuples) as the annotated type; raises _Unfit if it is not."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
+        for a in args:
+            try:
+                return _decode(value, a)
+            except _Unfit:
+                continue
+        raise _Unfit
     if hint is type(None):
-        return value is None
+        if value is None:
+            return None
+        raise _Unfit
     if origin is tuple:
         if not isinstance(value, tuple):
-            return False
+            raise _Unfit
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        return len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+            return tuple(_decode(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise _Unfit
+        return tuple(_decode(v, a) for v, a in zip(value, args, strict=True))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        # ModelInfo's parts (tensor summary, vision, projector, SSM sizes) are frozen dataclasses too.
+        if not isinstance(value, dict):
+            raise _Unfit
+        return _build(hint, value)
     if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return False  # a type this cache does not know how to check: ask the node again
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = False  # a type this cache does not know how to check: ask the node again
+    if not ok:
+        raise _Unfit
+    return value
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    hints = _field_types(cls)
+    if set(data) - set(hints):
+        raise _Unfit
+    values = {k: _decode(_to_tuples(v), hints[k]) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError):
+        raise _Unfit from None
 
 
 def info_from_json(data: object) -> ModelInfo | None:
     """A ModelInfo back from :func:`info_to_json`, or None if the data does not fit its fields."""
     if not isinstance(data, dict):
         return None
-    hints = _field_types()
-    if set(data) - set(hints):
-        return None
-    values: dict[str, Any] = {k: _to_tuples(v) for k, v in data.items()}
-    if not all(_fits(v, hints[k]) for k, v in values.items()):
-        return None
     try:
-        return ModelInfo(**values)
-    except (TypeError, ValueError):
+        info = _build(ModelInfo, data)
+    except _Unfit:
         return None
+    return info if isinstance(info, ModelInfo) else None
 
 
 class InfoCache:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import sys
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    import socket
 
 __all__ = [
     "STATUS_MAX_CHARS",
@@ -116,6 +118,8 @@ class Notifier:
                 log.warning("NOTIFY_SOCKET=%r is not a usable AF_UNIX address; notifications disabled", raw)
         if self._address is not None:
             try:
+                import socket  # here: --check-config and the report never notify systemd
+
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             except OSError as exc:
                 log.warning("cannot create the notify socket: %s; notifications disabled", exc)

@@ -30,6 +30,7 @@ import functools
 import io
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -306,6 +307,88 @@ class _Stale(Exception):
     """A reused connection turned out to be closed before any of the response arrived."""
 
 
+class StaleConnection(Exception):
+    """:meth:`Pending.finish`: the kept-alive connection had been closed; ask again with ``request``."""
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n")
+
+
+class Pending:
+    """A request sent on a kept-alive connection whose response is read later (see HttpClient.start).
+
+    Many of these wait together on one selector (``fileno``); :meth:`complete` says, without
+    reading anything, that a response has arrived in full, so :meth:`finish` will not wait for it.
+    """
+
+    def __init__(
+        self, client: HttpClient, conn: _Conn, method: str, path: str, deadline: float, timeout: float
+    ) -> None:
+        self._client = client
+        self._conn = conn
+        self.method = method
+        self.path = path
+        self.deadline = deadline
+        self._timeout = timeout
+
+    def fileno(self) -> int:
+        """The connection's socket, for a selector."""
+        return self._conn.sock.fileno()
+
+    def complete(self) -> bool:
+        """The whole response is here (or the connection ended): :meth:`finish` reads without waiting.
+
+        A peek, so nothing is consumed: a response framed by Content-Length or chunked encoding
+        that fits the peek is recognised; anything else says False (read it where waiting is fine).
+        """
+        sock = self._conn.sock
+        try:
+            sock.settimeout(0)
+            data = sock.recv(_READ_CHUNK, _msg_peek())
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # finish() says what went wrong
+        if not data:
+            return True
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = data[: end + 2].lower()
+        length = _CONTENT_LENGTH.search(head)
+        if length is not None and b"\r\ntransfer-encoding:" not in head:
+            return len(data) - end - 4 >= int(length.group(1))
+        return b"chunked" in head and data.endswith(b"\r\n0\r\n\r\n")
+
+    def finish(self) -> Response:
+        """The response, as :meth:`HttpClient.request` returns it (and its errors).
+
+        Raises :class:`StaleConnection` when the server had closed the connection before answering:
+        nothing was processed there, so asking again (on a new connection) is safe.
+        """
+        try:
+            return self._client._exchange(
+                self._conn,
+                self.method,
+                self.path,
+                b"",
+                self.deadline,
+                self._timeout,
+                self._client.max_body_bytes,
+                True,
+                sent=True,
+            )
+        except _Stale:
+            self._conn.close()
+            raise StaleConnection() from None
+
+
+def _msg_peek() -> int:
+    import socket
+
+    return socket.MSG_PEEK
+
+
 class _SocketReader(io.RawIOBase):
     """Raw reads from a socket, each one bounded by the time left before the deadline (and the idle limit)."""
 
@@ -536,15 +619,19 @@ class HttpClient:
         json_body: object = None,
         timeout_s: float | None = None,
         max_body_bytes: int | None = None,
+        deadline: float | None = None,
     ) -> Response:
         """One request, complete within ``timeout_s`` (default: the client's) or :class:`TimedOut`.
 
-        Any status is returned except 1xx and 3xx (a redirect is :class:`RedirectRefused`). Raises only
+        ``deadline`` (``time.monotonic()``) ends it sooner: calls that belong to one poll, started a
+        little apart, all end by the poll's own deadline (errors still name ``timeout_s``). Any status
+        is returned except 1xx and 3xx (a redirect is :class:`RedirectRefused`). Raises only
         :class:`TransportError` subclasses for anything that goes wrong on the way.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
         cap = self.max_body_bytes if max_body_bytes is None else max_body_bytes
-        deadline = time.monotonic() + timeout
+        ends = time.monotonic() + timeout
+        deadline = ends if deadline is None else min(ends, deadline)
         data = self._build(method, path, json_body)
         conn, reused = self._checkout(), True
         while True:
@@ -558,6 +645,28 @@ class HttpClient:
                     raise ConnectionLost("connection closed by the server before it answered") from None
                 log.debug("%s: kept-alive connection was closed by the server; reconnecting", self.host)
                 conn = None
+
+    def start(self, method: str, path: str, *, deadline: float | None = None) -> Pending | None:
+        """Send a GET or HEAD on an idle kept-alive connection and return without reading the answer.
+
+        For polling many nodes from one thread (``Pending.fileno`` on a selector). None when there is
+        no idle plain-HTTP connection to send it on, or sending failed: use :meth:`request` instead
+        (it connects, within its deadline, where this must not wait).
+        """
+        if method not in _RETRYABLE or self._ssl is not None:
+            return None  # TLS keeps bytes of its own buffered: a selector cannot see them
+        conn = self._checkout()
+        if conn is None:
+            return None
+        timeout = self.timeout_s
+        ends = time.monotonic() + timeout
+        deadline = ends if deadline is None else min(ends, deadline)
+        try:
+            self._send(conn, self._build(method, path, None), deadline)
+        except (OSError, _Expired):
+            conn.close()
+            return None
+        return Pending(self, conn, method, path, deadline, timeout)
 
     def stream_lines(
         self,
@@ -636,13 +745,16 @@ class HttpClient:
         timeout: float,
         cap: int,
         reused: bool,
+        *,
+        sent: bool = False,  # the request went out already (see start); read its response
     ) -> Response:
         phase = "sending the request"
         reader: _SocketReader | None = None
         keep = False
         try:
             try:
-                self._send(conn, data, deadline)
+                if not sent:
+                    self._send(conn, data, deadline)
                 phase = "waiting for the response headers"
                 reader = _SocketReader(conn.sock, deadline)
                 resp = self._read_head(reader, method, path)

@@ -391,3 +391,25 @@ def test_a_node_at_its_max_loaded_models_needs_an_allowed_unload():
     p = plan(cluster(full), replace(cfg, evict="never"), needs=needs(m__latest=3))
     assert p.actions == ()
     assert "OLLAMA_MAX_LOADED_MODELS" in p.model(M).fits[0].reason
+
+
+def test_replicas_take_the_tightest_fits_in_turn_ties_to_the_first_node():
+    # The first replica is the judge's own best fit, later ones come off a heap: both must agree
+    # with "least room left, then config order".
+    gpus = {"a": 12, "b": 8, "c": 24, "d": 8, "e": 16}
+    state = cluster(*(node(n, (g,), installed={M: 2}) for n, g in gpus.items()))
+    p = plan(state, config(PriorityModel(M, replicas=4)), needs=needs(m__latest=3))
+    assert [a.node for a in p.actions] == ["b", "d", "a", "e"]
+    assert p.model(M).decision.nodes == ("b", "d", "a", "e")
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters())
+def test_the_daemon_path_decides_priority_models_as_the_full_plan(case):
+    # full=False skips the models the daemon never acts on; what it decides must not change.
+    state, cfg, sizes = case
+    full, daemon = plan(state, cfg, needs=sizes), plan(state, cfg, needs=sizes, full=False)
+    assert daemon.actions == full.actions
+    assert daemon.nodes == full.nodes
+    for pm in cfg.priority_models:
+        assert daemon.model(pm.name) == full.model(pm.name)

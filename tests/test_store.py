@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gpu_router.config import Config, GpuSpec, NodeConfig
-from gpu_router.state import ModelInfo
+from gpu_router.state import ModelInfo, ProjectorInfo, SsmInfo, TensorSummary, VisionInfo
 from gpu_router.store import (
     FILE_NAME,
     INFO_FILE_NAME,
@@ -219,6 +220,48 @@ def test_model_info_survives_a_restart(tmp_path: Path) -> None:
     again = InfoCache(tmp_path / INFO_FILE_NAME)
     assert again.get("d1") == INFO
     assert len(again) == 1
+
+
+FULL_INFO = replace(
+    INFO,
+    name="qwen2.5vl:7b",
+    ssm=SsmInfo(conv_kernel=4, inner_size=8192, state_size=128, group_count=1),
+    vision=VisionInfo(block_count=32, image_size=560, patch_size=14, max_pixels=1003520),
+    projector=ProjectorInfo(parameter_count=5, file_type=1, architecture="clip"),
+    tensors=TensorSummary(
+        block_bytes=(100, 200),
+        token_embd_bytes=300,
+        has_output=True,
+        attn_q_widths=(3584, 3584),
+        cross_attention_layers=(1,),
+    ),
+    sliding_window_pattern=(True, False),
+)
+
+
+def test_model_info_with_its_parts_survives_a_restart(tmp_path: Path) -> None:
+    # A show body with tensors, vision and projector parts: the cache once dropped these on reading
+    # (a nested record was "a type it does not know"), so every report asked /api/show again.
+    cache = InfoCache(tmp_path / INFO_FILE_NAME)
+    cache.put("d1", FULL_INFO)
+    assert cache.save() is True
+    again = InfoCache(tmp_path / INFO_FILE_NAME)
+    assert again.get("d1") == FULL_INFO
+
+
+def test_a_part_of_the_wrong_shape_is_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / INFO_FILE_NAME
+    cache = InfoCache(path)
+    cache.put("d1", FULL_INFO)
+    cache.put("d2", FULL_INFO)
+    cache.put("d3", FULL_INFO)
+    cache.save()
+    data = json.loads(path.read_text())
+    data["models"]["d2"]["tensors"]["block_bytes"] = ["100"]
+    data["models"]["d3"]["vision"] = {"block_count": 32, "no_such_field": 1}
+    path.write_text(json.dumps(data))
+    mixed = InfoCache(path)
+    assert (mixed.get("d1"), mixed.get("d2"), mixed.get("d3")) == (FULL_INFO, None, None)
 
 
 def test_a_cache_from_another_version_or_with_wrong_types_is_not_trusted(tmp_path: Path) -> None:

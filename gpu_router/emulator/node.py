@@ -105,6 +105,9 @@ MUTATING_PATHS = frozenset(
 LOAD_PATHS = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 _HANG_POLL_S = 0.05
+# A hung request is woken at once by a fault change or stop(); this only bounds how late it notices
+# that its client gave up (then the handler ends, so hundreds of hung polls do not pile up threads).
+_HANG_CHECK_S = 2.0
 
 __all__ = [
     "LOAD_PATHS",
@@ -417,6 +420,8 @@ class EmulatedNode:
         self._handlers_idle = threading.Condition(threading.Lock())
         self._active_handlers = 0
         self._stop_event = threading.Event()
+        self._faults_changed = threading.Condition(threading.Lock())
+        self._fault_generation = 0
 
         self._installed: dict[str, _Installed] = {}
         self._runners: dict[str, _Runner] = {}
@@ -481,6 +486,7 @@ class EmulatedNode:
                 return
             self._stopped = True
             self._stop_event.set()
+            self._faults_moved()
             if self._down_timer is not None:
                 self._down_timer.cancel()
             self._sync_listening()
@@ -525,6 +531,11 @@ class EmulatedNode:
         if self.metrics and self._metrics.port:
             return f"http://{self.host}:{self._metrics.port}/metrics"
         return self.url + "/metrics"
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections the Ollama port has accepted (kept-alive ones serve many requests)."""
+        return self._api.accepted
 
     @property
     def running(self) -> bool:
@@ -645,6 +656,7 @@ class EmulatedNode:
         with self._listen_lock:
             with self._state_lock:
                 self._faults = [*keep, rule]
+            self._faults_moved()
             self._sync_listening()
 
     def clear_fault(self, fault: Fault | None = None) -> None:
@@ -654,6 +666,7 @@ class EmulatedNode:
                 self._faults = (
                     [] if fault is None else [r for r in self._faults if r.fault is not Fault(fault)]
                 )
+            self._faults_moved()
             self._sync_listening()
 
     def faults(self) -> list[Fault]:
@@ -688,7 +701,31 @@ class EmulatedNode:
                 rule.remaining -= 1
                 if rule.remaining <= 0 and rule in self._faults:
                     self._faults = [r for r in self._faults if r is not rule]
+            self._faults_moved()
             self._sync_listening()
+
+    def _faults_moved(self) -> None:
+        """Wake the requests a HANG holds: the faults changed, or the node is stopping."""
+        with self._faults_changed:
+            self._fault_generation += 1
+            self._faults_changed.notify_all()
+
+    def _hang(self, path: str, client_gone: Callable[[], bool]) -> tuple[bool, _FaultRule | None]:
+        """Hold a request while a HANG fault matches it.
+
+        Returns (False, the HTTP fault that applies now) or (True, None) when the client left or the
+        node stops while it was held.
+        """
+        while True:
+            generation = self._fault_generation
+            rule = self._rule_for(path, _HTTP_FAULTS)
+            if rule is None or rule.fault is not Fault.HANG:
+                return False, rule
+            if self._stop_event.is_set() or client_gone():
+                return True, None
+            with self._faults_changed:
+                if generation == self._fault_generation:
+                    self._faults_changed.wait(_HANG_CHECK_S)
 
     def on_request(self, path: str, callback: Callable[[EmulatedNode], object], *, once: bool = True) -> None:
         """Run ``callback(node)`` when a request for ``path`` arrives, before it is handled.
@@ -731,6 +768,8 @@ class EmulatedNode:
             self._epoch += 1
             self._behaviour = self._make_behaviour()
             self._event("restart", "", ",".join(dropped))
+        # The old process's connections die with it, even when the port is back at once.
+        self._api.drop_connections()
         if down_s <= 0 or not self._started or self._stopped:
             return
         with self._listen_lock:
@@ -1452,18 +1491,26 @@ class EmulatedNode:
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    def handle_http(self, listener: str, method: str, path: str, raw: bytes) -> Reply | None:
-        """Answer one request (None: drop the connection). Called by the listeners' threads."""
+    def handle_http(
+        self,
+        listener: str,
+        method: str,
+        path: str,
+        raw: bytes,
+        client_gone: Callable[[], bool] = lambda: False,
+    ) -> Reply | None:
+        """Answer one request (None: drop the connection). Called by the listeners' threads.
+
+        ``client_gone`` says whether the client closed its end (a HANG then lets the request go).
+        """
         with self._state_lock:
             self._requests.append(RecordedRequest(method, path, _lenient_json(raw), time.monotonic()))
         self._run_hooks(path)
         if path == "/metrics" and self._rule_for(path, (Fault.EXPORTER_DOWN,)) is not None:
             return None
-        rule = self._rule_for(path, _HTTP_FAULTS)
-        while rule is not None and rule.fault is Fault.HANG:
-            if self._stop_event.wait(_HANG_POLL_S):
-                return None
-            rule = self._rule_for(path, _HTTP_FAULTS)
+        gone, rule = self._hang(path, client_gone)
+        if gone:
+            return None
         drip = 0.0
         if rule is not None:
             self._consume(rule)

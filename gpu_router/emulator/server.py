@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -74,7 +77,9 @@ class Host(Protocol):
 
     def handler_leave(self) -> None: ...
 
-    def handle_http(self, listener: str, method: str, path: str, raw: bytes) -> Reply | None: ...
+    def handle_http(
+        self, listener: str, method: str, path: str, raw: bytes, client_gone: Callable[[], bool]
+    ) -> Reply | None: ...
 
     def stopping(self, seconds: float) -> bool: ...
 
@@ -83,19 +88,83 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
-    request_queue_size = 128  # socketserver's default of 5 resets connections under benchmark load
+    request_queue_size = 1024  # socketserver's default of 5 resets connections under benchmark load
 
     def __init__(self, address: tuple[str, int], host: Host, kind: str) -> None:
         self.host = host
         self.kind = kind
+        self.connections: set[_Handler] = set()
+        self.connections_lock = threading.Lock()
+        self.accepted = 0
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A thread per connection, started without waiting for it to run: ThreadingMixIn's start()
+        # waits behind every busy handler for the GIL, so a burst of hundreds of connections (a
+        # 500-node benchmark) was accepted seconds late.
+        _thread.start_new_thread(self.process_request_thread, (request, client_address))
+
+    def drop_connections(self) -> None:
+        """End every kept-alive connection: idle ones now, busy ones after their reply.
+
+        A restarted Ollama (or a closed port) answers nothing more on the connections it had.
+        """
+        with self.connections_lock:
+            for handler in self.connections:
+                if handler.busy:
+                    handler.close_after = True
+                else:
+                    handler.shut()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that resets a kept-alive connection is normal here; socketserver would print a traceback.
+        logger.debug("node %s: connection from %s ended with an error", self.host.name, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    # HTTP/1.0: one request per connection, so REFUSE and stop() never leave kept-alive sockets behind.
-    protocol_version = "HTTP/1.0"
+    # HTTP/1.1 with keep-alive, as Ollama's Go net/http server speaks (and as the daemon's cost is
+    # measured): a connection serves requests until the client closes it, the node restarts or
+    # stops, or it sits idle for ``timeout`` seconds.
+    protocol_version = "HTTP/1.1"
     timeout = 30
+    # Go sets TCP_NODELAY; without it a kept-alive reply written in two pieces waits ~40 ms for a
+    # delayed ACK. Headers and a whole body leave in one write through the buffer.
+    disable_nagle_algorithm = True
+    wbufsize = 64 * 1024
+    busy = False  # between reading a request and finishing its reply
+    close_after = False  # drop_connections() came while busy: close after this reply
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self)
+            self.server.accepted += 1
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self)
+        with contextlib.suppress(OSError):  # the client went away with bytes still buffered
+            super().finish()
+
+    def _client_gone(self) -> bool:
+        """True when the client closed its end (for a request held unanswered on purpose)."""
+        try:
+            # poll, not select (no descriptor limit) and not a peek alone: the socket has a timeout,
+            # so a recv would wait for data instead of saying there is none.
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN)
+            if not poller.poll(0):
+                return False  # nothing to read: the client is still waiting
+            peeked: bytes = self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+        return peeked == b""
+
+    def shut(self) -> None:
+        """Shut the socket down, waking the handler thread from its wait for the next request."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def handle(self) -> None:
         host = self.server.host
@@ -121,13 +190,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("PUT")
 
     def _serve(self, method: str) -> None:
+        with self.server.connections_lock:
+            self.busy = True
+        try:
+            self._serve_one(method)
+        finally:
+            with self.server.connections_lock:
+                self.busy = False
+                if self.close_after:
+                    self.close_connection = True
+
+    def _serve_one(self, method: str) -> None:
         path = urlsplit(self.path).path
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = 0
         raw = self.rfile.read(length) if length > 0 else b""
-        reply = self.server.host.handle_http(self.server.kind, method, path, raw)
+        reply = self.server.host.handle_http(self.server.kind, method, path, raw, self._client_gone)
         if reply is None:
             # Drop the connection without a response: the client sees a connection error.
             self.close_connection = True
@@ -135,6 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._send(method, reply)
         except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
             logger.debug("client went away before the reply to %s %s", method, path)
 
     def _send(self, method: str, reply: Reply) -> None:
@@ -142,14 +223,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", reply.content_type)
         for key, value in reply.headers:
             self.send_header(key, value)
+        chunked = False
         if reply.stream is None:
             self.send_header("Content-Length", str(len(reply.body)))
         elif reply.length is not None:
             self.send_header("Content-Length", str(reply.length))
+        elif self.request_version == "HTTP/1.1":
+            # What Go's net/http does with a flushed body of unknown length.
+            self.send_header("Transfer-Encoding", "chunked")
+            chunked = True
+        else:
+            self.close_connection = True  # an HTTP/1.0 client: the body ends when the connection does
+        if self.close_after or self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if method == "HEAD":
             return
         pieces: Iterable[bytes] = (reply.body,) if reply.stream is None else reply.stream
+        if chunked:
+            pieces = _chunks(pieces)
         if reply.drip_bps > 0:
             self._drip(pieces, reply.drip_bps)
             return
@@ -171,6 +263,14 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("%s %s", self.address_string(), format % args)
 
 
+def _chunks(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """HTTP/1.1 chunked framing: each non-empty piece a chunk, then the last (empty) chunk."""
+    for piece in pieces:
+        if piece:
+            yield b"%x\r\n%b\r\n" % (len(piece), piece)
+    yield b"0\r\n\r\n"
+
+
 @dataclass
 class Listener:
     """One loopback listening socket that can close and reopen on the same port."""
@@ -182,6 +282,14 @@ class Listener:
     _server: _Server | None = None
     _thread: threading.Thread | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _accepted_before: int = 0  # connections accepted by sockets closed since (REFUSE, down)
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted since the first listen, across closes and reopens."""
+        with self._lock:
+            now = self._server.accepted if self._server is not None else 0
+            return self._accepted_before + now
 
     @property
     def open(self) -> bool:
@@ -210,7 +318,9 @@ class Listener:
             self._server = server
             self._thread = threading.Thread(
                 target=server.serve_forever,
-                kwargs={"poll_interval": 0.5},
+                # close() wakes the accept loop with a connection, so it need not poll: at 0.5 s,
+                # 500 idle emulated nodes used a whole core waking up.
+                kwargs={"poll_interval": 60.0},
                 name=f"emulator-{self.host.name}-{self.kind}",
                 daemon=True,
             )
@@ -218,10 +328,12 @@ class Listener:
             logger.debug("node %s %s listening on %s:%d", self.host.name, self.kind, self.address, self.port)
 
     def close(self) -> None:
-        """Close the socket; connections already accepted finish on their own."""
+        """Close the socket and end its kept-alive connections; a request in progress gets its reply."""
         with self._lock:
             server, thread = self._server, self._thread
             self._server = self._thread = None
+            if server is not None:
+                self._accepted_before += server.accepted
         if server is not None:
             stopper = threading.Thread(
                 target=server.shutdown, name=f"emulator-{self.host.name}-stop", daemon=True
@@ -234,8 +346,16 @@ class Listener:
                 _poke(server)
                 stopper.join(0.01)
             server.server_close()
+            server.drop_connections()
         if thread is not None:
             thread.join(timeout=5.0)
+
+    def drop_connections(self) -> None:
+        """End the kept-alive connections (idle now, busy after their reply); keep listening."""
+        with self._lock:
+            server = self._server
+        if server is not None:
+            server.drop_connections()
 
     def sync(self, want: bool) -> None:
         """Listen when ``want``, else close."""

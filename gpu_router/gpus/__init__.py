@@ -7,28 +7,31 @@ config may ask for are the rows of :data:`~gpu_router.gpus.kinds.GPU_SOURCE_KIND
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from gpu_router.config import NodeConfig
+from gpu_router.enums import VramSource
 from gpu_router.gpus.kinds import AUTO, GPU_SOURCE_KINDS, Builder, kind_named
-from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
-from gpu_router.state import GpuReading, VramSource
 
 if TYPE_CHECKING:
+    from gpu_router.config import NodeConfig
     from gpu_router.gpus.amd_sysfs import AmdSysfsSource
     from gpu_router.gpus.exporter import ExporterSource
     from gpu_router.gpus.nvml import NvmlSource
+    from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
+    from gpu_router.state import GpuReading
 
 # The sources that need an HTTP client, NVML or sysfs are loaded on first use (PEP 562), so that
 # importing this package (config validation does, through kinds) stays cheap.
+# The static sources load the record classes: not needed to check a config either.
 _LAZY = {
     "AmdSysfsSource": "gpu_router.gpus.amd_sysfs",
     "ExporterSource": "gpu_router.gpus.exporter",
     "NvmlSource": "gpu_router.gpus.nvml",
+    "NoGpuSource": "gpu_router.gpus.static",
+    "StaticSource": "gpu_router.gpus.static",
+    "UnknownSource": "gpu_router.gpus.static",
 }
 
 
@@ -54,7 +57,13 @@ __all__ = [
     "make_gpu_source",
 ]
 
-log = logging.getLogger(__name__)
+
+def _log() -> Any:
+    # logging (and threading) load when a source is built, not when config validation imports kinds.
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 REMOTE_AUTO_ERROR = "no GPU source configured for remote node; set gpu: {exporter: URL} or {vram_mb: [...]}"
 
@@ -88,6 +97,8 @@ class AutoSource:
     def __init__(self, candidates: list[tuple[str, GpuSource]]) -> None:
         self._candidates = candidates
         self._chosen: GpuSource | None = None
+        import threading
+
         self._lock = threading.Lock()
 
     @property
@@ -107,6 +118,8 @@ class AutoSource:
                     self._choose(name, source)
                     return reading
                 errors.append(reading.error or f"{name}: no GPU")
+            from gpu_router.state import GpuReading
+
             return GpuReading(
                 VramSource.UNKNOWN, (), error="no GPU found on this machine: " + "; ".join(errors)
             )
@@ -118,7 +131,7 @@ class AutoSource:
                 source.close()
 
     def _choose(self, name: str, source: GpuSource) -> None:
-        log.info("gpu: auto found GPUs through %s", name)
+        _log().info("gpu: auto found GPUs through %s", name)
         self._chosen = source
         for _, other in self._candidates:
             if other is not source:
@@ -139,6 +152,8 @@ def make_gpu_source(
     table's local kinds when the node's URL points at this machine and otherwise gives an
     :class:`UnknownSource` that says how to configure one: an unknown node is not a node without GPUs.
     """
+    from gpu_router.gpus.static import UnknownSource
+
     spec = node.gpu
 
     def build(name: str) -> GpuSource:
@@ -162,6 +177,8 @@ def make_gpu_source(
         is_local = is_local_host
     if is_local(host):
         local = [k.name for k in GPU_SOURCE_KINDS if k.local]
-        log.debug("node %s is on this machine: looking for its GPUs through %s", node.name, ", ".join(local))
+        _log().debug(
+            "node %s is on this machine: looking for its GPUs through %s", node.name, ", ".join(local)
+        )
         return AutoSource([(name, build(name)) for name in local])
     return UnknownSource(REMOTE_AUTO_ERROR)

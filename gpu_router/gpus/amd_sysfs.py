@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_router.gpus.health import HealthTracker
+from gpu_router.gpus.kinds import AMD_SYSFS_LABEL
 from gpu_router.gpus.scrape import celsius
 from gpu_router.state import GIB, Gpu, GpuReading, VramSource
 
 log = logging.getLogger(__name__)
 
-LABEL = "amd-sysfs"
+LABEL = AMD_SYSFS_LABEL
 AMD_VENDOR_ID = "0x1002"
 
 # discover/amd.go@v0.30.0 (readROCmDRMDevice): maxIntegratedVRAM = 4 << 30, minSharedGTT = 8 << 30.

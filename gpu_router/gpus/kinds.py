@@ -11,13 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from gpu_router.gpus.amd_sysfs import LABEL as AMD_SYSFS_LABEL
-from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
-from gpu_router.state import VramSource
+from gpu_router.enums import VramSource
 
 if TYPE_CHECKING:  # config imports this module at parse time; a runtime import back would be a cycle
     from gpu_router.config import GpuSpec
     from gpu_router.gpus import GpuSource
+
+AMD_SYSFS_LABEL = "amd-sysfs"
+"""The report's SOURCE label for this machine's AMD GPUs read from sysfs."""
 
 AUTO = "auto"
 """The default ``gpu:`` word: try the local kinds on this machine, else say how to configure one."""
@@ -65,10 +66,24 @@ def _amd(spec: GpuSpec, timeout_s: float) -> GpuSource:
 
 def _exporter(spec: GpuSpec, timeout_s: float) -> GpuSource:
     if not spec.exporter_url:
+        from gpu_router.gpus.static import UnknownSource
+
         return UnknownSource("gpu kind is exporter but no exporter URL is configured")
     from gpu_router.gpus.exporter import ExporterSource
 
     return ExporterSource(spec.exporter_url, timeout_s, ca_file=spec.ca_file, tls_verify=spec.tls_verify)
+
+
+def _static(spec: GpuSpec, timeout_s: float) -> GpuSource:
+    from gpu_router.gpus.static import StaticSource
+
+    return StaticSource(spec.vram_bytes)
+
+
+def _none(spec: GpuSpec, timeout_s: float) -> GpuSource:
+    from gpu_router.gpus.static import NoGpuSource
+
+    return NoGpuSource()
 
 
 GPU_SOURCE_KINDS: tuple[GpuSourceKind, ...] = (
@@ -110,7 +125,7 @@ GPU_SOURCE_KINDS: tuple[GpuSourceKind, ...] = (
         label="static",
         auto="never: needs the sizes",
         local=False,
-        build=lambda spec, timeout_s: StaticSource(spec.vram_bytes),
+        build=_static,
     ),
     GpuSourceKind(
         name="none",
@@ -120,7 +135,7 @@ GPU_SOURCE_KINDS: tuple[GpuSourceKind, ...] = (
         label="none",
         auto="never: a CPU-only node must say so",
         local=False,
-        build=lambda spec, timeout_s: NoGpuSource(),
+        build=_none,
     ),
 )
 

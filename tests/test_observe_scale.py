@@ -1,0 +1,175 @@
+"""What keeps a pass over many nodes quick: its worker threads, one deadline, fewer calls when large."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_helpers import MakeNode, wait_until
+from rawserver import Conn, RawServer
+from test_request_counts import api_requests, write_static_config
+
+from gpu_router import observe
+from gpu_router.config import load_config
+from gpu_router.emulator import Fault
+from gpu_router.observe import Workers, observe_once
+from gpu_router.ollama import OllamaError
+from gpu_router.transport import HttpClient, ProxyConfig, TimedOut
+
+LLAMA32 = "llama3.2:latest"
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    w = Workers()
+    yield w
+    w.close()
+
+
+def test_reserved_threads_take_the_calls_queued_after(workers: Workers) -> None:
+    workers.reserve(8)
+    assert workers.threads == 8
+    gate = threading.Event()
+    futures = [workers.submit(gate.wait, 10) for _ in range(8)]
+    assert workers.threads == 8  # every call found a reserved thread idle
+    wait_until(lambda: all(f.running() for f in futures), what="all eight calls to run at once")
+    gate.set()
+    assert [f.result(10) for f in futures] == [True] * 8
+    workers.reserve(8)
+    assert workers.threads == 8  # idle again: nothing more to start
+
+
+def test_a_call_beyond_the_reserve_starts_its_own_thread(workers: Workers) -> None:
+    gate = threading.Event()
+    held = [workers.submit(gate.wait, 10) for _ in range(3)]
+    assert workers.threads == 3
+    wait_until(lambda: all(f.running() for f in held), what="three calls running")
+    gate.set()
+    for f in held:
+        f.result(10)
+
+
+def test_results_and_errors_come_back_through_the_future(workers: Workers) -> None:
+    assert workers.submit(sum, [1, 2, 3]).result(10) == 6
+    with pytest.raises(ZeroDivisionError):
+        workers.submit(lambda: 1 / 0).result(10)
+
+
+def test_close_ends_the_threads_and_cancels_what_no_thread_took(workers: Workers) -> None:
+    gate = threading.Event()
+    workers.reserve(1)
+    running = workers.submit(gate.wait, 10)
+    wait_until(running.running, what="the call to start")
+    workers.close()
+    gate.set()
+    assert running.result(10) is True  # a call in progress finishes
+    wait_until(lambda: workers.threads == 0, what="the threads to end")
+    assert workers.submit(lambda: "ran").cancelled()
+
+
+def test_a_deadline_ends_a_request_before_its_timeout() -> None:
+    # The calls of one poll share the poll's deadline: a hung node costs one timeout from the
+    # start of the pass, however late its call got a thread. The error still names the timeout.
+    server = RawServer(lambda conn: conn.stopped.wait(60))
+    client = HttpClient(server.url, timeout_s=60, proxies=ProxyConfig())
+    errors: list[TimedOut] = []
+
+    def call() -> None:
+        try:
+            client.request("GET", "/api/ps", deadline=time.monotonic() + 0.2)
+        except TimedOut as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=call)
+    try:
+        worker.start()
+        worker.join(30)  # far under the 60 s timeout: only the deadline can end it this soon
+        assert not worker.is_alive()
+        assert [str(e) for e in errors] == ["timed out after 60s waiting for the response headers"]
+    finally:
+        server.close()
+        client.close()
+        worker.join(60)
+
+
+def test_a_large_pass_asks_tags_and_version_after_ps_on_one_connection(
+    make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observe, "SIDE_BY_SIDE_MAX_CALLS", 0)  # any pass counts as large
+    node = make_node("solo", (8192,), (LLAMA32,))
+    node.load(LLAMA32, keep_alive=-1)
+    config = load_config(write_static_config(tmp_path / "config.yaml", [node], [LLAMA32], tmp_path / "state"))
+    state = observe_once(config)
+    assert state.nodes[0].up
+    assert state.nodes[0].version == node.version
+    asked = api_requests(node)
+    assert asked[:2] == ["/api/ps", "/api/tags"]  # a dead node is found by its ps alone
+    assert sorted(asked) == ["/api/ps", "/api/show", "/api/tags", "/api/version"]
+    # ps, tags and version one after another on one kept-alive connection (the show, sent while
+    # the version is asked, may need a second).
+    assert node.connections_accepted <= 2
+
+
+def test_a_dead_nodes_exporter_is_not_waited_for(make_node: MakeNode, tmp_path: Path) -> None:
+    # The node refuses, its exporter hangs: the pass ends with the node's refusal, not at the
+    # exporter's timeout (the exporter of a node that did not answer is no use to anyone).
+    node = make_node("gone", (8192,), (LLAMA32,))
+    hung = RawServer(_hang)
+    try:
+        path = write_static_config(
+            tmp_path / "config.yaml", [node], [LLAMA32], tmp_path / "state", request_timeout="60s"
+        )
+        text = path.read_text().replace("vram_mb:\n    - 8192", f"exporter: {hung.url}/metrics")
+        path.write_text(text)
+        config = load_config(path)
+        assert config.nodes[0].gpu.kind == "exporter"
+        node.stop()
+        result: list[str] = []
+        worker = threading.Thread(target=lambda: result.append(observe_once(config).nodes[0].status.value))
+        worker.start()
+        worker.join(30)  # the exporter's own timeout is 60 s
+        assert not worker.is_alive()
+        assert result == ["down"]
+    finally:
+        hung.close()
+
+
+def _hang(conn: Conn) -> None:
+    conn.stopped.wait(90)
+
+
+def test_a_watch_reads_every_kind_of_answer_from_one_thread_or_hands_it_on(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    # One node answers whole, one in drips (read by a worker), one restarted (its kept-alive
+    # connection is gone: asked again), one hangs (no answer by the deadline): each gets its due.
+    whole, drip, restarted, hung = (make_node(f"n{i}", (8192,), (LLAMA32,)) for i in range(4))
+    for n in (whole, drip, restarted, hung):
+        n.load(LLAMA32, keep_alive=-1)
+    nodes = [whole, drip, restarted, hung]
+    config = load_config(
+        write_static_config(
+            tmp_path / "config.yaml", nodes, [LLAMA32], tmp_path / "state", request_timeout="3s"
+        )
+    )
+    observer = observe.Observer(config)
+    try:
+        first = observer.watch()
+        assert all(isinstance(r, tuple) for r in first.values())
+        opened = [n.connections_accepted for n in nodes]
+        drip.set_fault(Fault.DRIP, rate_bps=4000, paths=("/api/ps",))
+        restarted.restart()
+        hung.set_fault(Fault.HANG, paths=("/api/ps",))
+        seen = observer.watch()
+        for n, models in ((whole, [LLAMA32]), (drip, [LLAMA32]), (restarted, [])):  # a restart unloads
+            result = seen[n.name]
+            assert isinstance(result, tuple), (n.name, result)
+            assert [m.name for m in result] == models
+        assert isinstance(seen[hung.name], OllamaError)
+        assert whole.connections_accepted == opened[0]  # asked again on the same connection
+        assert restarted.connections_accepted == opened[2] + 1  # its old one died with the restart
+    finally:
+        observer.close()

@@ -258,6 +258,9 @@ class Daemon:
         if self._learn(state, sizer):
             self.store.save()
         self._last = (state, sizer)
+        # A sequence that failed after the loop last took results in (while this one observed) has
+        # its failure in the backoff before anything is planned: else it is planned, and sent, again.
+        self.collect_results()
         blocked = self.backoff.blocked()
         # Only the priority models: they are all the daemon acts on (the report's full plan of
         # this observation is made by the snapshot if someone asks for it).

@@ -62,12 +62,13 @@ STOP_LIMIT_S = STOP_GRACE_S + 3.0
 # Slack for a shared 2-core machine on top of any interval the daemon promises.
 SLACK_S = 1.5
 # A loop retrying a request flat out sends hundreds a second; a healthy daemon with the fast
-# settings below sends at most a few of each kind (watch every 0.3 s, reconcile every 1 s).
+# settings below sends at most a few of each kind (watch every 0.3 s, reconcile every 0.5 s).
 MAX_SAME_REQUESTS_PER_S = 12
 
 # Fast cycles for the fault tests: every fault is met several times within a few seconds.
+CHECK_INTERVAL_S = 0.5
 FAST: dict[str, Any] = {
-    "check_interval": "1s",
+    "check_interval": f"{CHECK_INTERVAL_S}s",
     "watch_interval": "0.3s",
     "request_timeout": "1s",
     "load_timeout": "10s",
@@ -289,7 +290,9 @@ def assert_watchdog_on_time(run: _Run) -> None:
     )
 
 
-def assert_cadence(run: _Run, *, check_interval_s: float = 1.0, deadline_s: float = DEADLINE_S) -> None:
+def assert_cadence(
+    run: _Run, *, check_interval_s: float = CHECK_INTERVAL_S, deadline_s: float = DEADLINE_S
+) -> None:
     """Reconciles kept coming: none further apart than an interval plus a deadline plus slack."""
     done = [t for _, t in run.reconciles() if run.stop_requested_at is None or t <= run.stop_requested_at]
     assert len(done) >= 2, f"only {len(done)} reconciles finished; log:\n{_tail(run.log_text())}"
@@ -365,7 +368,7 @@ def common_checks(
     nodes: Sequence[EmulatedNode],
     priority: Sequence[str],
     *,
-    check_interval_s: float = 1.0,
+    check_interval_s: float = CHECK_INTERVAL_S,
     deadline_s: float = DEADLINE_S,
 ) -> None:
     """What every fault test asserts after its fault: cadence, watchdog, log, no unloads, no loops, stop."""

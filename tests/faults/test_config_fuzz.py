@@ -235,13 +235,13 @@ def broken_documents(draw: st.DrawFn) -> Any:
             key = draw(st.sampled_from([*doc, *cfg._REMOVED_KEYS, "nodez"]))
             target: dict[str, Any] = doc
         elif where == "node":
-            target = doc["nodes"][draw(st.integers(0, 1))]
+            target = _part(doc, "nodes", draw(st.integers(0, 1)))
             key = draw(st.sampled_from([*cfg._NODE_KEYS, "gpus"]))
         elif where == "model":
-            target = doc["priority_models"][1]
+            target = _part(doc, "priority_models", 1)
             key = draw(st.sampled_from([*cfg._MODEL_KEYS, "replica"]))
         else:
-            target = doc["ollama_env"]
+            target = _part(doc, "ollama_env", None)
             key = draw(ollama_env.map(lambda d: next(iter(d), "OLLAMA_NUM_PARALLEL")))
         if draw(st.integers(0, 5)) == 0:
             target.pop(key, None)
@@ -257,6 +257,14 @@ def broken_documents(draw: st.DrawFn) -> Any:
         }.get(key, _scalars)
         target[key] = draw(strategy | values)
     return doc
+
+
+def _part(doc: dict[str, Any], key: str, index: int | None) -> dict[str, Any]:
+    """``doc[key]`` (or its item ``index``) when an earlier change left it a mapping, else a scratch one."""
+    value = doc.get(key)
+    if index is not None:
+        value = value[index] if isinstance(value, list) and len(value) > index else None
+    return value if isinstance(value, dict) else {}
 
 
 def _dump(doc: Any, flow: bool) -> str:

@@ -138,7 +138,8 @@ def test_row6_a_load_finishing_between_observe_and_act_is_not_sent_again(
     run = DaemonRun(config, tmp_path)
     runs.append(run)
     wait_until(lambda: "action " in run.log_text(), what="the action's result")
-    run.wait_reconciles(1)
+    # The result starts the second reconcile at once (check_interval is 300 s here).
+    wait_until(lambda: run.last_reconcile() >= 2, what="the reconcile after the action")
     assert polls["n"] >= 2, "the race never happened: the test proves nothing"
     events = [e for n in (small, big) for e in n.events()]
     loads = [e for e in events if e.kind in ("load", "reload") and e.model == LLAMA32]

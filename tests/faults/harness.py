@@ -171,6 +171,13 @@ class DaemonRun(_Run):
                 return int(line.split()[1]) * 1024
         raise AssertionError("no VmHWM in /proc/PID/status")
 
+    def threads(self) -> int:
+        """The process's thread count now."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        raise AssertionError("no Threads in /proc/PID/status")
+
     def stop(self) -> Stopped:
         """SIGTERM, then the exit code and how long it took (killed after a generous limit)."""
         assert self.running(), f"the daemon exited on its own; its log:\n{self.log_text()}"

@@ -8,7 +8,9 @@ plus random text and random bytes. Through ``main --check-config`` the answer is
 from __future__ import annotations
 
 import io
+import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from gpu_router import config as cfg
+from gpu_router import systemd
 from gpu_router.cli import main
 from gpu_router.config import EX_CONFIG, Config, ConfigError, load_config
 
@@ -363,10 +366,25 @@ def test_random_bytes_are_valid_or_one_located_error(tmp_path: Path, data: bytes
     _check(path, data.count(b"\n"))
 
 
+@pytest.fixture
+def own_logging() -> Iterator[None]:
+    """main() points the gpu_router log handler at this test's captured stderr: put it back after."""
+    logger = logging.getLogger("gpu_router")
+    handlers, level, installed = list(logger.handlers), logger.level, systemd._handler
+    yield
+    for h in logger.handlers:
+        if h not in handlers:
+            logger.removeHandler(h)
+    for h in handlers:
+        logger.addHandler(h)
+    logger.setLevel(level)
+    systemd._handler = installed
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=broken_documents() | documents())
 def test_main_check_config_exits_0_or_78_with_the_message(
-    tmp_path: Path, doc: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, doc: Any, capsys: pytest.CaptureFixture[str], own_logging: None
 ) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(_dump(doc, False), encoding="utf-8")

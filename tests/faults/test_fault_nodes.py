@@ -42,7 +42,11 @@ def test_a_node_that_does_not_answer(
     s = scenario()
     s.bad.set_fault(fault, **kw)
     s.run.wait_reconciles(3)
+    threads = s.run.threads()
     restore_pin(s.run, s.ok, LLAMA32)
+    s.run.wait_reconciles(3)
+    # Requests left hanging are not started again while they run: no threads piling up.
+    assert s.run.threads() <= threads + 2, f"threads {threads} -> {s.run.threads()} while a node hangs"
     text = s.run.log_text()
     assert f"node bad is {state} after" in text or f"node bad is {state}:" in text, text[-3000:]
 

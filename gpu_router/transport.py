@@ -7,8 +7,9 @@ of its per-call CPU on per-request proxy, environment and netrc look-ups. Here:
 * one wall-clock deadline covers connect, send, headers and body: the socket timeout is set to the
   time left before every blocking step, so no drip outlives it;
 * bodies are capped after decompression (``Accept-Encoding: identity`` is sent; a gzip or deflate
-  body is inflated incrementally and never past the cap); a Content-Length over the cap is refused
-  before a byte of the body is read;
+  body is inflated 64 KiB at a time and never past the cap); a Content-Length over the cap is refused
+  before a byte of the body is read; past its first MiB a body shares one budget with every other
+  large body in the process, so many hostile nodes at once stay within the unit's MemoryMax;
 * redirects (any 3xx) are never followed: they are an error naming the target;
 * headers are validated and encoded once per client, the SSLContext is built once per client, and
   proxy settings are read from the environment once per process;

@@ -190,7 +190,9 @@ class ConfigError(Exception):
         if self.line is not None:
             where = f"{where}:{self.line}"
         parts = [p for p in (where, self.key, self.message) if p]
-        return ": ".join(parts)
+        # A key is the user's text: a line break or control character in it must not split or
+        # garble the one line a journal or terminal shows.
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in ": ".join(parts))
 
 
 class ConfigNotFound(ConfigError):

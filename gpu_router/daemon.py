@@ -13,7 +13,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from types import FrameType
 
 from gpu_router.api import ApiServer
@@ -22,7 +23,7 @@ from gpu_router.executor import ActionResult, Backoff, Executor
 from gpu_router.listen import parse_listen
 from gpu_router.observe import NodeLinks, Observer
 from gpu_router.ollama import OllamaError
-from gpu_router.planner import Action, ActionKind, Plan, plan, priority_on_gpu
+from gpu_router.planner import Action, ActionKind, Plan, is_pinned, plan, priority_on_gpu
 from gpu_router.pull import PullManager, PullResult
 from gpu_router.sizing import Sizer
 from gpu_router.snapshot import OptimizeTicket, Telemetry
@@ -43,6 +44,9 @@ class _Expect:
 
     node_up: dict[str, bool]
     pinned: dict[str, set[str]]  # node -> priority models fully on GPU there
+    # node -> those of them held with keep_alive -1: a client request with a finite keep_alive
+    # turns that into an expiry the next reconcile may come too late for (check_interval 300 s).
+    forever: dict[str, set[str]] = field(default_factory=dict)
 
 
 class Daemon:
@@ -271,6 +275,9 @@ class Daemon:
         if self._learn(state, sizer):
             self.store.save()
         self._last = (state, sizer)
+        # A sequence that failed after the loop last took results in (while this one observed) has
+        # its failure in the backoff before anything is planned: else it is planned, and sent, again.
+        self.collect_results()
         blocked = self.backoff.blocked()
         pulling = self.pulls.pulling()
         # Only the priority models: they are all the daemon acts on (the report's full plan of
@@ -408,6 +415,7 @@ class Daemon:
             if r.observed is not None and r.observed.processor is Processor.GPU:
                 # A cpu_fallback load is not on GPU: nothing to watch there.
                 self._expect.pinned.setdefault(a.node, set()).add(a.model)
+                self._expect.forever.setdefault(a.node, set()).add(a.model)
             if a.kind is ActionKind.PIN:
                 self._note_repin(a.model, r.observed.context_length if r.observed else None, a.node)
         else:
@@ -469,12 +477,13 @@ class Daemon:
     def _remember(self, state: ClusterState, p: Plan) -> None:
         priority = {m.model for m in p.models if m.priority}
         pinned: dict[str, set[str]] = {}
+        forever: dict[str, set[str]] = {}
         for n in state.nodes:
             if n.up:
-                pinned[n.name] = {
-                    m.name for m in n.loaded if m.name in priority and m.processor is Processor.GPU
-                }
-        self._expect = _Expect({n.name: n.up for n in state.nodes}, pinned)
+                on_gpu = [m for m in n.loaded if m.name in priority and m.processor is Processor.GPU]
+                pinned[n.name] = {m.name for m in on_gpu}
+                forever[n.name] = {m.name for m in on_gpu if is_pinned(m, state.observed_at)}
+        self._expect = _Expect({n.name: n.up for n in state.nodes}, pinned, forever)
 
     def watch(self) -> bool:
         """Cheap drift check; True when something changed that a reconcile should fix."""
@@ -497,6 +506,18 @@ class Daemon:
             if lost:
                 log.warning("watch: %s no longer fully on GPU on %s", ", ".join(sorted(lost)), node)
                 self.telemetry.drift(node, "model_lost")
+                return True
+            now = datetime.now(timezone.utc)
+            forever = self._expect.forever.get(node, set())
+            unpinned = {m.name for m in result if m.name in forever and not is_pinned(m, now)}
+            if unpinned:
+                # A client's finite keep_alive replaced the pin: re-pin it before it expires. Once
+                # (forgotten until a reconcile sees it pinned again), so a pin that fails is left
+                # to the backoff, not retried at every watch.
+                names = ", ".join(sorted(unpinned))
+                log.warning("watch: %s no longer pinned on %s (a client's keep_alive)", names, node)
+                forever -= unpinned
+                self.telemetry.drift(node, "model_unpinned")
                 return True
         return False
 

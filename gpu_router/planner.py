@@ -502,7 +502,7 @@ def _plan(
         reasons = [f"already on GPU on {n}" for n in resident]
         info = state.model_info(name)
         embedding = info.embedding_only if info else False
-        actions.extend(_repins(state, name, resident, embedding, pm))
+        actions.extend(_repins(state, name, resident, embedding, pm, backoff))
         fitting = _Fitting(judged)
         while len(chosen) < wanted:
             # New copies: fit now first, best fit; then room made by policy.
@@ -1115,14 +1115,22 @@ def _pulls(
 
 
 def _repins(
-    state: ClusterState, model: str, resident: list[str], embedding: bool, pm: PriorityModel
+    state: ClusterState,
+    model: str,
+    resident: list[str],
+    embedding: bool,
+    pm: PriorityModel,
+    backoff: Collection[tuple[str, str]],
 ) -> Iterator[Action]:
     """Pin in place the copies a client reloaded with a finite keep_alive: they would expire.
 
     The load goes out with the context the copy runs at (options.num_ctx = its context_length),
-    so Ollama keeps the runner instead of reloading it at another context.
+    so Ollama keeps the runner instead of reloading it at another context. A pair in backoff is
+    left alone: a failed pin starts a reconcile at once, which would pin again, and fail again.
     """
     for node_name in resident:
+        if (model, node_name) in backoff:
+            continue
         node = state.node(node_name)
         m = node.loaded_model(model) if node is not None and node.up else None
         if m is None or is_pinned(m, state.observed_at) or m.expires_at is None:

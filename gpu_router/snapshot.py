@@ -554,7 +554,7 @@ class Telemetry:
         self._publish()
 
     def drift(self, node: str, kind: str) -> None:
-        """Count one drift event seen by the watch (node_down, node_back, model_lost)."""
+        """Count one drift event seen by the watch (node_down, node_back, model_lost, model_unpinned)."""
         self.drift_events.inc(node, kind)
 
     def poll_error(self, node: str, status: str, message: str) -> None:

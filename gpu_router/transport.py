@@ -7,8 +7,9 @@ of its per-call CPU on per-request proxy, environment and netrc look-ups. Here:
 * one wall-clock deadline covers connect, send, headers and body: the socket timeout is set to the
   time left before every blocking step, so no drip outlives it;
 * bodies are capped after decompression (``Accept-Encoding: identity`` is sent; a gzip or deflate
-  body is inflated incrementally and never past the cap); a Content-Length over the cap is refused
-  before a byte of the body is read;
+  body is inflated 64 KiB at a time and never past the cap); a Content-Length over the cap is refused
+  before a byte of the body is read; past its first MiB a body shares one budget with every other
+  large body in the process, so many hostile nodes at once stay within the unit's MemoryMax;
 * redirects (any 3xx) are never followed: they are an error naming the target;
 * headers are validated and encoded once per client, the SSLContext is built once per client, and
   proxy settings are read from the environment once per process;
@@ -59,6 +60,14 @@ DEFAULT_MAX_IDLE_CONNECTIONS = 4
 USER_AGENT = "gpu-router"
 
 _READ_CHUNK = 64 * 1024
+_INFLATE_STEP = 64 * 1024  # the most output one decompress call makes
+# Each body is capped, but many nodes can send big ones at once (one misbehaving proxy in front of
+# them all): past its first SHARED_FROM_BYTES a body draws on one budget for the whole process, and
+# one that finds it spent fails as too large. Real answers (a few hundred KB at most) never get that
+# far, so a hostile node's bodies never fail a healthy node's; and MemoryMax=512M holds however
+# many nodes send bombs at once.
+SHARED_FROM_BYTES = 1 * MIB
+SHARED_BODY_BUDGET_BYTES = 48 * MIB
 _RETRYABLE = frozenset({"GET", "HEAD"})
 # RFC 9110 token characters: what a header name may be made of.
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -427,6 +436,36 @@ class _SockShim:
 
     def makefile(self, mode: str, *args: object) -> io.BufferedReader:
         return io.BufferedReader(self.reader, _READ_CHUNK)
+
+
+class _Budget:
+    """Bytes that large response bodies hold right now, across every client of the process."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self._left = total_bytes
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (nothing reserved) when fewer are left."""
+        with self._lock:
+            if n > self._left:
+                return False
+            self._left -= n
+            return True
+
+    def give(self, n: int) -> None:
+        """Return bytes taken earlier."""
+        with self._lock:
+            self._left += n
+
+    @property
+    def left_bytes(self) -> int:
+        with self._lock:
+            return self._left
+
+
+_BODY_BUDGET = _Budget(SHARED_BODY_BUDGET_BYTES)
 
 
 class _Inflater:
@@ -813,28 +852,54 @@ class HttpClient:
             # a few bytes of gzip framing), so it is refused before reading any of it.
             raise BodyTooLarge(f"response body of {resp.length} bytes is over the {_size(cap)} cap", cap)
         chunks: list[bytes] = []
-        raw_total = total = 0
+        total = held = 0
+        try:
+            for piece in self._pieces(resp, inflater, cap):
+                total += len(piece)
+                if total > cap:
+                    raise BodyTooLarge(f"response body is over the {_size(cap)} cap after decompression", cap)
+                if total > SHARED_FROM_BYTES:
+                    want = total - SHARED_FROM_BYTES - held
+                    if not _BODY_BUDGET.take(want):
+                        raise BodyTooLarge(
+                            f"response body is over {_size(SHARED_FROM_BYTES)} while other large bodies "
+                            f"hold the shared {_size(_BODY_BUDGET.total_bytes)}",
+                            cap,
+                        )
+                    held += want
+                chunks.append(piece)
+            if resp.length:  # Content-Length promised more than arrived before the server closed
+                raise ConnectionLost(f"connection closed {resp.length} bytes short of the promised body")
+            if inflater is not None and total and not inflater.finished:
+                raise InvalidResponse(f"{encoding} body ends before its end marker")
+            return b"".join(chunks)
+        finally:
+            _BODY_BUDGET.give(held)
+            # A failure's traceback keeps this frame, and the poll's future keeps the failure until
+            # the next poll: without this, up to a cap's worth of garbage per request stays alive.
+            chunks.clear()
+
+    @staticmethod
+    def _pieces(resp: http.client.HTTPResponse, inflater: _Inflater | None, cap: int) -> Iterator[bytes]:
+        """The body as it arrives, decoded in pieces of at most ``_INFLATE_STEP``."""
+        raw_total = 0
         while resp.length != 0:
             chunk = resp.read1(_READ_CHUNK)
             if not chunk:
-                break
+                return
             raw_total += len(chunk)
             if raw_total > cap:
                 raise BodyTooLarge(f"response body is over the {_size(cap)} cap", cap)
             if inflater is None:
-                total += len(chunk)
-                chunks.append(chunk)
+                yield chunk
                 continue
-            out, cut = inflater.inflate(chunk, cap + 1 - total)
-            total += len(out)
-            if cut or total > cap:
-                raise BodyTooLarge(f"response body is over the {_size(cap)} cap after decompression", cap)
-            chunks.append(out)
-        if resp.length:  # Content-Length promised more than arrived before the server closed
-            raise ConnectionLost(f"connection closed {resp.length} bytes short of the promised body")
-        if inflater is not None and total and not inflater.finished:
-            raise InvalidResponse(f"{encoding} body ends before its end marker")
-        return b"".join(chunks)
+            # In steps: one call asked for the whole cap at once builds it twice over (zlib's
+            # output blocks, then their join).
+            out, more = inflater.inflate(chunk, _INFLATE_STEP)
+            yield out
+            while more:
+                out, more = inflater.more(_INFLATE_STEP)
+                yield out
 
     # -- connections -------------------------------------------------------------------------------------
 

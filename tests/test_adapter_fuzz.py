@@ -1,8 +1,9 @@
 """Generated garbage served over a real loopback socket never raises out of the adapters.
 
 ``OllamaClient`` may only raise its own typed errors (``OllamaError`` subclasses), whatever
-``/api/ps``, ``/api/tags``, ``/api/show`` or ``/api/version`` answer; ``ExporterSource.read()`` always
-returns a ``GpuReading``. Example counts are kept modest so the default run stays fast.
+``/api/ps``, ``/api/tags``, ``/api/show`` or ``/api/version`` answer (deep nesting included);
+``ExporterSource.read()`` always returns a ``GpuReading``, whatever NVIDIA's or AMD's exporters
+send. Example counts are kept modest so the default run stays fast.
 """
 
 from __future__ import annotations
@@ -227,9 +228,34 @@ _FAMILIES = [
     "nvidia_smi_memory_free_bytes",
     "nvidia_smi_gpu_info",
     "nvidia_smi_index",
+    # ROCm device-metrics-exporter and omnistat (AMD)
+    "gpu_total_vram",
+    "gpu_used_vram",
+    "gpu_free_vram",
+    "gpu_gfx_activity",
+    "gpu_health",
+    "gpu_junction_temperature",
+    "amd_gpu_total_vram",
+    "rocm_vram_total_bytes",
+    "rocm_vram_used_percentage",
+    "rocm_utilization_percentage",
+    "rocm_version_info",
     "garbage_metric",
 ]
-_LABELS = ["gpu", "UUID", "uuid", "device", "modelName", "GPU_I_ID", "index", "name"]
+_LABELS = [
+    "gpu",
+    "UUID",
+    "uuid",
+    "device",
+    "modelName",
+    "GPU_I_ID",
+    "index",
+    "name",
+    "gpu_id",
+    "gpu_uuid",
+    "card",
+    "hostname",
+]
 _label_values = st.text(max_size=8) | st.sampled_from(["0", "1", "nvidia0", "²", "nvidia²", "9" * 5000, ""])
 _values = st.sampled_from(
     ["0", "1e10", "NaN", "+Inf", "-1", "9223372036854775794", "1e400", "x"]
@@ -248,6 +274,10 @@ exporter_bodies = (
     st.lists(prom_lines(), max_size=12).map(lambda lines: "\n".join(lines).encode())
     | st.binary(max_size=300)
     | st.text(max_size=300).map(str.encode)
+    # One enormous line, labels nested in braces, or JSON where text belongs: none may escape.
+    | st.integers(1, 200_000).map(lambda n: b"DCGM_FI_DEV_FB_FREE{gpu=\"0\"} " + b"9" * n)
+    | st.integers(1, 50_000).map(lambda n: b"gpu_total_vram" + b"{" * n + b"} 1")
+    | st.integers(1, 100_000).map(lambda n: b"[" * n)
 )
 
 

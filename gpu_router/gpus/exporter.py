@@ -112,6 +112,7 @@ class ExporterSource:
         self._client: HttpClient | None = client
         self._own_client = client is None
         self._problem = ""
+        self._last_error: str | None = None  # what the last failed scrape said, for logging changes only
         try:
             parts = urlsplit(url)
             self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -153,6 +154,9 @@ class ExporterSource:
         if bad_lines:
             log.debug("exporter %s: skipped %d malformed lines", redact_url(self.url), bad_lines)
         error = (f"exporter {redact_url(self.url)}: " + "; ".join(match.problems)) if match.problems else None
+        if self._last_error is not None:
+            log.info("exporter %s answers with GPU memory figures again", self._display_url)
+            self._last_error = None
         gpus = self._health.apply(match.gpus, match.xid)
         return GpuReading(VramSource.EXPORTER, gpus, error=error, detail=kind.label)
 
@@ -168,7 +172,11 @@ class ExporterSource:
 
     def _failed(self, why: str) -> GpuReading:
         error = f"exporter {self._display_url}: {why}"
-        log.debug("%s", error)
+        # A warning when it starts failing (or fails differently), not at every poll: the node's free
+        # VRAM is unknown from now on, so nothing new is placed there.
+        level = logging.DEBUG if error == self._last_error else logging.WARNING
+        log.log(level, "%s; GPU memory unknown until it answers", error)
+        self._last_error = error
         return GpuReading(VramSource.UNKNOWN, (), error=error)
 
     def _fetch(self) -> str:

@@ -1,8 +1,9 @@
 """The control loop: observe -> plan -> act, with a cheap ``/api/ps`` watch in between.
 
 Only this thread talks to systemd, and it pings the watchdog on every wake-up, so a hung loop is
-caught while a long load (in an executor thread) is not. Signal handlers only set flags and wake
-the loop; the loop waits on an Event with a deadline and never sleeps blindly.
+caught while a long load (in an executor thread) is not. Signal handlers only set lock-free flags
+and wake the loop through a self-pipe (see wakeup.py: an Event could deadlock its own thread); the
+loop waits on that with a deadline and never sleeps blindly.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gpu_router.snapshot import OptimizeTicket, Telemetry
 from gpu_router.state import ClusterState, LoadedModel, NodeState, Processor
 from gpu_router.store import InfoCache, SizeStore, info_cache_for, store_for
 from gpu_router.systemd import Notifier, set_level
+from gpu_router.wakeup import Flag, Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class Daemon:
         self.links = links_factory(config)
         self.observer = self._new_observer()
         self.backoff = Backoff(clock=clock)
-        self._wake = threading.Event()
+        self._wake = Wakeup()
         # Pulls run apart from the executors and outlive a reload (they hold their own client).
         self.pulls = PullManager(
             max_concurrent=config.max_concurrent_pulls,
@@ -87,9 +89,9 @@ class Daemon:
         # After a reload, the previous executor (and the links its clients belong to) stays until
         # its sequences finish: its nodes count as busy, and its results are still read.
         self._retiring: list[tuple[Executor, NodeLinks]] = []
-        self._stop = threading.Event()
-        self._reload = threading.Event()
-        self._reconcile_now = threading.Event()
+        self._stop = Flag()
+        self._reload = Flag()
+        self._reconcile_now = Flag()
         self.reconciles = 0
         self._expect = _Expect({}, {})
         self._status = "starting"
@@ -136,6 +138,7 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
         signal.signal(signal.SIGUSR1, reconcile_now)
+        self._wake.wake_on_signals()
 
     def _new_observer(self) -> Observer:
         return self._observer_factory(
@@ -207,7 +210,6 @@ class Daemon:
                 if self.notifier.watchdog_interval_s is not None:
                     timeout = min(timeout, self.notifier.watchdog_interval_s)
                 self._wake.wait(timeout)
-                self._wake.clear()
         finally:
             self._shutdown()
         return rc

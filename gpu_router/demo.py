@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from typing import Any, TextIO
 
 import yaml
@@ -14,6 +13,7 @@ from gpu_router.emulator import EmulatedCluster, demo_cluster
 from gpu_router.observe import observe_once
 from gpu_router.planner import plan
 from gpu_router.report import build_report, render, report_tables, summary_line, write_json
+from gpu_router.wakeup import Wakeup
 
 DEMO_PRIORITY = ("nomic-embed-text:latest", "llama3.2:latest")
 
@@ -47,8 +47,10 @@ def run_demo(*, serve: bool, as_json: bool, out: TextIO, rich: bool) -> int:
             out.write(yaml.safe_dump(demo_settings(cluster), sort_keys=False))
             out.write("\nCtrl-C stops it.\n")
             out.flush()
-            stop = threading.Event()
+            stop = Wakeup()  # not an Event: its lock could deadlock against the handler
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            stop.wake_on_signals()  # SIGINT too: Ctrl-C may land on an emulator thread
             with contextlib.suppress(KeyboardInterrupt):
-                stop.wait()
+                while not stop.wait(3600.0):
+                    pass
     return 0

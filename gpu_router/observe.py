@@ -54,6 +54,7 @@ from gpu_router.state import (
 )
 from gpu_router.store import InfoCache
 from gpu_router.transport import Pending, StaleConnection
+from gpu_router.wakeup import Cancel
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +470,7 @@ class Observer:
     # ------------------------------------------------------------------ observe
 
     def observe(
-        self, *, cancel: threading.Event | None = None, tick: Callable[[], object] | None = None
+        self, *, cancel: Cancel | None = None, tick: Callable[[], object] | None = None
     ) -> ClusterState:
         """Poll every node and GPU source concurrently; never raises for a node's failure.
 
@@ -553,7 +554,7 @@ class Observer:
         self,
         futures: Sequence[Future[Any]],
         deadline: float | Callable[[], float],
-        cancel: threading.Event | None,
+        cancel: Cancel | None,
         tick: Callable[[], object] | None,
     ) -> None:
         """Wait for ``futures`` until the deadline (or what it says now), in short slices so cancel
@@ -730,7 +731,7 @@ class Observer:
         due: Sequence[tuple[str, OllamaClient]],
         calls_end: float,
         deadline: float,
-        cancel: threading.Event | None,
+        cancel: Cancel | None,
         tick: Callable[[], object] | None,
     ) -> dict[str, Future[tuple[LoadedModel, ...]]]:
         """``/api/ps`` of many nodes from this thread: one selector instead of a thread per node.
@@ -791,7 +792,7 @@ class Observer:
             return client.ps(deadline=calls_end)
 
     def watch(
-        self, *, cancel: threading.Event | None = None, tick: Callable[[], object] | None = None
+        self, *, cancel: Cancel | None = None, tick: Callable[[], object] | None = None
     ) -> dict[str, tuple[LoadedModel, ...] | OllamaError]:
         """Only ``/api/ps`` of every due node, within one deadline: the cheap check between reconciles.
 

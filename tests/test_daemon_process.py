@@ -292,3 +292,34 @@ def test_once_dry_run_logs_the_plan_and_sends_nothing(make_node: MakeNode, tmp_p
     assert result.returncode == 0, result
     assert f"would load {LLAMA32} on gpu-a (dry run)" in result.stderr
     assert a.mutating_requests() == []
+
+
+# --------------------------------------------------------------------------- signals in a storm
+
+
+def test_a_storm_of_signals_never_wedges_the_loop(make_node: MakeNode, tmp_path: Path) -> None:
+    """Signals land at any bytecode: one that arrives while the loop holds a lock its handler wants
+    would wedge the daemon for good (seen under load as a SIGHUP never acted on). Thousands of them,
+    then a reload and a stop, must all be acted on."""
+    a = make_node("gpu-a", models=(LLAMA32, EMBED))
+    config = tmp_path / "config.yaml"
+    # A short watch interval keeps the loop waking, clearing and waiting: where a handler can collide.
+    settings: dict[str, Any] = {"watch_interval": "0.01s", "check_interval": "300s"}
+    write_config(config, [a], [LLAMA32], tmp_path / "state", **settings)
+    stderr = tmp_path / "stderr.log"
+    proc = start_daemon(["--config", str(config)], stderr)
+    try:
+        wait_until(lambda: pinned_on_gpu(a, LLAMA32), what="llama pinned")
+        end = time.monotonic() + 3.0
+        sent = 0
+        while time.monotonic() < end:
+            proc.send_signal(signal.SIGUSR1 if sent % 2 else signal.SIGHUP)
+            sent += 1
+            time.sleep(0.0005)
+        write_config(config, [a], [LLAMA32, EMBED], tmp_path / "state", **settings)
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: pinned_on_gpu(a, EMBED), what=f"the reload after {sent} signals acted on")
+        assert stop_and_wait(proc) == 0
+    finally:
+        kill(proc)
+    assert "Traceback" not in stderr.read_text()

@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 from gpu_router.emulator.catalogue import EmulatorError
 from gpu_router.emulator.cluster import DEMO_PRIORITY_MODELS, EmulatedCluster, demo_cluster
 from gpu_router.emulator.node import EmulatedNode
+from gpu_router.wakeup import Wakeup
 
 LOAD_TEST_MODELS = (
     "nomic-embed-text:latest",
@@ -142,13 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmulatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    stop = threading.Event()
+    stop = Wakeup()  # not an Event: its lock could deadlock against the handler
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    stop.wake_on_signals()
     try:
         for n in cluster:
             gpus = "+".join(f"{m}MiB" for m in n.gpus_mib) or "no GPU"

@@ -630,7 +630,9 @@ class Daemon:
             tickets = [t for t in self._tickets if t.reconcile is None and t.after < self.reconciles]
         for t in tickets:
             t.attach(self.reconciles, p.actions, self._started_this_cycle, self._status)
-        self._settle_tickets(self.busy_nodes())
+        # Not a bare settle: a load may have finished since the last collect, and a ticket settled
+        # on "nothing busy" without its result would report that load as still in flight.
+        self.collect_results()
 
     def _reconcile_failed(self, error: str) -> None:
         self.telemetry.reconcile_failed(self.reconciles, error)

@@ -544,7 +544,11 @@ class Observer:
             if future is None or gpu_future is None:
                 nodes.append(self.health.skipped(n))
                 continue
-            gpu = gpu_future if isinstance(gpu_future, GpuReading) else self._gpu_result(gpu_future)
+            gpu = (
+                gpu_future
+                if isinstance(gpu_future, GpuReading)
+                else self._gpu_result(gpu_future, waited=n.name in answered)
+            )
             nodes.append(self._judge(n, future, gpu, self._mono() - start).state)
         self.health.forget({n.name for n in self.config.nodes})
         self._info.save()
@@ -717,11 +721,12 @@ class Observer:
             log.warning("node %s: GPU source failed: %s", name, exc)
             return GpuReading(VramSource.UNKNOWN, (), error=f"GPU source failed: {exc}")
 
-    def _gpu_result(self, future: Future[GpuReading]) -> GpuReading:
+    def _gpu_result(self, future: Future[GpuReading], *, waited: bool) -> GpuReading:
         if not future.done():
-            return GpuReading(
-                VramSource.UNKNOWN, (), error=f"GPU source did not answer within {self.deadline_s:g}s"
-            )
+            # Only a node that answered is waited for: say which of the two this is, so a
+            # refused node is not reported with an exporter that "timed out" in a tenth of a second.
+            why = f"did not answer within {self.deadline_s:g}s" if waited else "not waited for (node failed)"
+            return GpuReading(VramSource.UNKNOWN, (), error=f"GPU source {why}")
         return future.result()  # _read_gpu never raises
 
     # ------------------------------------------------------------------ watch

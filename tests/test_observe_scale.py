@@ -127,12 +127,18 @@ def test_a_dead_nodes_exporter_is_not_waited_for(make_node: MakeNode, tmp_path: 
         config = load_config(path)
         assert config.nodes[0].gpu.kind == "exporter"
         node.stop()
-        result: list[str] = []
-        worker = threading.Thread(target=lambda: result.append(observe_once(config).nodes[0].status.value))
+        result: list[tuple[str, str | None]] = []
+
+        def one_pass() -> None:
+            state = observe_once(config).nodes[0]
+            result.append((state.status.value, state.gpu.error))
+
+        worker = threading.Thread(target=one_pass)
         worker.start()
         worker.join(30)  # the exporter's own timeout is 60 s
         assert not worker.is_alive()
-        assert result == ["down"]
+        # ... and the reading says it was not waited for, not that it "timed out" at once
+        assert result == [("down", "GPU source not waited for (node failed)")]
     finally:
         hung.close()
 

@@ -20,6 +20,7 @@ from gpu_router import __version__
 if TYPE_CHECKING:
     from gpu_router.config import Config
     from gpu_router.report import Json, ModelRow, Report, Table
+    from gpu_router.state import ClusterState
 
 EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
 EX_NO_DAEMON = 3  # ``status``: no daemon answered (like systemctl's "unit is not active")
@@ -171,37 +172,51 @@ def _emit(
         render(tables(), out, rich=_is_tty(out), footer=footer)
 
 
-def _report(config: Config) -> Report:
+def _observe(config: Config) -> ClusterState:
+    """One observation; the planner and the report are imported while the nodes are asked.
+
+    Those imports cost about 0.1 s of CPU: paid while the requests are out (a hung node's for a
+    whole ``request_timeout``), they add nothing to the command's time.
+    """
     from gpu_router.observe import observe_once
+    from gpu_router.store import info_cache_for
+
+    def imports() -> None:
+        import gpu_router.planner
+        import gpu_router.report  # noqa: F401
+
+    return observe_once(config, info_cache=info_cache_for(config), meanwhile=imports)
+
+
+def _report(config: Config) -> Report:
+    state = _observe(config)
     from gpu_router.planner import plan
     from gpu_router.report import build_report
-    from gpu_router.store import info_cache_for, load_learned
+    from gpu_router.store import load_learned
 
-    state = observe_once(config, info_cache=info_cache_for(config))
     return build_report(state, plan(state, config, learned=load_learned(config)))
 
 
 def cmd_report(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``--report-only``: observe, plan, print; never change anything."""
-    from gpu_router.report import report_tables, summary_line
-
     if args.textfile:
         return cmd_report_textfile(config, args, out)
     report = _report(config)
+    from gpu_router.report import report_tables, summary_line
+
     _emit(lambda: report_tables(report), report.to_json(), args, out, footer=summary_line(report))
     return EX_OK
 
 
 def cmd_report_textfile(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``--report-only --textfile PATH``: the report, plus its gauges written once for node_exporter."""
+    state = _observe(config)
     from gpu_router.metrics import write_textfile
-    from gpu_router.observe import observe_once
     from gpu_router.planner import plan
     from gpu_router.report import report_tables, summary_line
     from gpu_router.snapshot import static_snapshot
-    from gpu_router.store import info_cache_for, load_learned
+    from gpu_router.store import load_learned
 
-    state = observe_once(config, info_cache=info_cache_for(config))
     snap = static_snapshot(config, state, plan(state, config, learned=load_learned(config)))
     try:
         write_textfile(args.textfile, snap)
@@ -297,18 +312,17 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 def cmd_explain(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``explain MODEL [--node NAME]``: the need on each node, part by part, and why."""
     from gpu_router.config import normalize_model_name
-    from gpu_router.explain import NodeExplanation, explain
-    from gpu_router.observe import observe_once
-    from gpu_router.planner import plan
-    from gpu_router.report import Table, gib
-    from gpu_router.store import info_cache_for, load_learned
-
     name = normalize_model_name(args.model)
     node = getattr(args, "node", None)
     if node is not None and node not in {n.name for n in config.nodes}:
         print(f"gpu-router: no node is named {node!r}", file=sys.stderr)
         return EX_USAGE
-    state = observe_once(config, info_cache=info_cache_for(config))
+    state = _observe(config)
+    from gpu_router.explain import NodeExplanation, explain
+    from gpu_router.planner import plan
+    from gpu_router.report import Table, gib
+    from gpu_router.store import load_learned
+
     rows = explain(state, plan(state, config, learned=load_learned(config)), name, node)
     if not rows:
         print(f"gpu-router: model {name!r} is not installed on any node that is up", file=sys.stderr)

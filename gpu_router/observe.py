@@ -113,9 +113,12 @@ class Workers:
         for _ in range(missing):
             _thread.start_new_thread(self._work, ())
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Run ``fn(*args)`` on an idle thread (one is started if none is free); cancelled once closed."""
-        future: Future[Any] = Future()
+    def submit(self, fn: Callable[..., Any], *args: Any, into: Future[Any] | None = None) -> Future[Any]:
+        """Run ``fn(*args)`` on an idle thread (one is started if none is free); cancelled once closed.
+
+        ``into``: a future handed out before the call was queued, to carry its outcome.
+        """
+        future: Future[Any] = Future() if into is None else into
         with self._lock:
             if self._closed:
                 future.cancel()
@@ -514,16 +517,25 @@ class Observer:
         if not side_by_side:
             calls = len(gpus) - sum(isinstance(g, GpuReading) for g in gpus.values()) + len(fresh)
         self._pool.reserve(calls)
+        # Every node's ps is queued first, its tags and version after: a hung node is found by its
+        # ps, whose timeout runs from when it starts, so a late start is a late answer for the pass.
+        beside: list[tuple[Future[Any], Callable[..., Any], str | None]] = []
         for n, need_tags, need_version in fresh:
-            client = self.clients[n.name]
-            tags_f = version_f = None
+            tags_f: Future[Any] | None = None
+            version_f: Future[Any] | None = None
             if side_by_side:
-                tags_f = self._pool.submit(self._tags_and_shows, n.name) if need_tags else None
-                version_f = self._pool.submit(client.version) if need_version else None
+                if need_tags:
+                    tags_f = Future()
+                    beside.append((tags_f, self._tags_and_shows, n.name))
+                if need_version:
+                    version_f = Future()
+                    beside.append((version_f, self.clients[n.name].version, None))
                 need_tags = need_version = False
             polls[n.name] = self._busy[n.name] = self._pool.submit(
                 self._poll, n, ends, tags_f, version_f, need_tags, need_version
             )
+        for carrier, fn, arg in beside:
+            self._pool.submit(fn, *(() if arg is None else (arg,)), into=carrier)
         for n in self.config.nodes:
             if polls.get(n.name) is not None and n.name not in gpus:
                 gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
@@ -565,13 +577,15 @@ class Observer:
         and tick are served."""
         pending = list(futures)
         while pending:
+            # Before each slice, not after: the first call comes while the nodes are first asked
+            # (a one-shot command does its own imports there; see cli._observe).
+            if tick is not None:
+                tick()
             left = (deadline() if callable(deadline) else deadline) - self._mono()
             if left <= 0 or (cancel is not None and cancel.is_set()):
                 return
             _, not_done = wait_futures(pending, timeout=min(left, WAIT_SLICE_S))
             pending = list(not_done)
-            if tick is not None:
-                tick()
 
     def _judge(self, node: NodeConfig, future: Future[_Polled], gpu: GpuReading, took_s: float) -> Judged:
         bare = NodeState(node.name, node.url, NodeStatus.UP, gpu=gpu, poll_s=took_s)
@@ -854,13 +868,26 @@ def _bug(exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__} while reading its answer"
 
 
-def observe_once(config: Config, *, info_cache: InfoCache | None = None, **kwargs: object) -> ClusterState:
+def observe_once(
+    config: Config,
+    *,
+    info_cache: InfoCache | None = None,
+    meanwhile: Callable[[], object] | None = None,
+    **kwargs: object,
+) -> ClusterState:
     """Observe the cluster one time and release every resource.
 
     One poll is all a one-shot command has, so a node that does not answer it is down, not in grace.
+    ``meanwhile`` is called once, in this thread, while the nodes are first asked.
     """
     observer = Observer(replace(config, down_after=1), info_cache=info_cache, **kwargs)  # type: ignore[arg-type]
+    pending = [meanwhile] if meanwhile is not None else []
+
+    def tick() -> None:
+        while pending:
+            pending.pop()()
+
     try:
-        return observer.observe()
+        return observer.observe(tick=tick)
     finally:
         observer.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from daemon_helpers import MakeNode, wait_until
 from rawserver import Conn, RawServer
 from test_request_counts import api_requests, write_static_config
@@ -179,3 +182,44 @@ def test_a_watch_reads_every_kind_of_answer_from_one_thread_or_hands_it_on(
         assert restarted.connections_accepted == opened[2] + 1  # its old one died with the restart
     finally:
         observer.close()
+
+
+def test_a_one_shot_observation_runs_its_meanwhile_once_while_a_hung_node_is_asked(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    # The report imports the planner and the report while the nodes are asked: the hook runs once
+    # (not once per wait slice, of which a hung node makes several) and the pass is unchanged.
+    node = make_node("gpu-a", (8192,), (LLAMA32,))
+    hung = RawServer(_hang)
+    try:
+        path = write_static_config(
+            tmp_path / "config.yaml", [node], [LLAMA32], tmp_path / "state", request_timeout="2s"
+        )
+        data = yaml.safe_load(path.read_text())
+        data["nodes"].append({"url": hung.url, "gpu": {"vram_mb": [8192]}})
+        path.write_text(yaml.safe_dump(data))
+        config = load_config(path)
+        calls: list[str] = []
+        state = observe_once(config, meanwhile=lambda: calls.append("meanwhile"))
+        assert calls == ["meanwhile"]
+        assert [n.status.value for n in state.nodes] == ["up", "down"]
+    finally:
+        hung.close()
+
+
+def test_the_report_imports_its_planner_while_the_nodes_are_asked(tmp_path: Path) -> None:
+    # In a fresh interpreter: after cli._observe alone, the planner and the report are loaded.
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"nodes:\n  - url: http://127.0.0.1:9\n    gpu: {{vram_mb: [8192]}}\nstate_dir: {tmp_path}/s\n"
+    )
+    code = (
+        "import sys\n"
+        "from gpu_router import cli\n"
+        "from gpu_router.config import load_config\n"
+        "assert 'gpu_router.planner' not in sys.modules\n"
+        f"cli._observe(load_config({str(path)!r}))\n"
+        "assert {'gpu_router.planner', 'gpu_router.report'} <= set(sys.modules), sorted(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -104,6 +104,7 @@ class Daemon:
         self._tickets: list[OptimizeTicket] = []
         self._tickets_lock = threading.Lock()
         self._started_this_cycle: list[Action] = []
+        self._saved_wakeup_fd: int | None = None
 
     # Signals: set flags, wake the loop, nothing else.
 
@@ -138,7 +139,18 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
         signal.signal(signal.SIGUSR1, reconcile_now)
-        self._wake.wake_on_signals()
+        self._saved_wakeup_fd = self._wake.wake_on_signals()
+
+    def release_wakeup_fd(self) -> None:
+        """Give the interpreter back its previous wake-up fd once the loop is done.
+
+        The handlers stay (a late SIGTERM or SIGHUP still only sets a flag, never kills the
+        process mid-exit), but the fd must not outlive this daemon's pipe: once handlers are
+        replaced and the pipe closed, a later file could take its number and get the bytes.
+        """
+        if self._saved_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._saved_wakeup_fd)
+            self._saved_wakeup_fd = None
 
     def _new_observer(self) -> Observer:
         return self._observer_factory(
@@ -674,4 +686,7 @@ def run_daemon(config: Config, *, once: bool = False, dry_run: bool = False) -> 
     with Notifier() as notifier:
         daemon = Daemon(config, notifier=notifier, dry_run=dry_run)
         daemon.install_signal_handlers()
-        return daemon.run(once=once)
+        try:
+            return daemon.run(once=once)
+        finally:
+            daemon.release_wakeup_fd()

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from daemon_helpers import MakeDaemon, MakeNode
 
 from gpu_router.wakeup import Flag, Wakeup
 
@@ -101,3 +102,30 @@ def test_a_signal_that_lands_on_another_thread_still_wakes_the_main_thread() -> 
         signal.signal(signal.SIGUSR1, old_handler)
     assert woken is True
     assert flag.is_set()
+
+
+def _current_wakeup_fd() -> int:
+    fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd)
+    return fd
+
+
+def test_the_daemon_hands_back_the_wakeup_fd_when_its_loop_is_done(
+    make_node: MakeNode, make_daemon: MakeDaemon
+) -> None:
+    # A wake-up fd left pointing at a closed pipe would send signal bytes into whatever file
+    # takes that number next.
+    daemon = make_daemon([make_node("gpu-a", models=("llama3.2:latest",))], [])
+    before = _current_wakeup_fd()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        daemon.install_signal_handlers()
+        during = _current_wakeup_fd()
+        daemon.release_wakeup_fd()
+        after = _current_wakeup_fd()
+    finally:
+        signal.set_wakeup_fd(before)
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert during not in (-1, before)
+    assert after == before

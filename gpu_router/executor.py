@@ -144,16 +144,7 @@ class Executor:
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait for every sequence in flight; True when none is left."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
-                threads = list(self._threads.values())
-            if not threads:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            threads[0].join(min(remaining, 0.2))
+        return wait_for_threads(self._lock, self._threads, timeout_s)
 
     def begin_stop(self) -> None:
         """Start no new sequence, and no new step of one that has not unloaded anything yet."""
@@ -256,6 +247,27 @@ class Executor:
             return "unloaded it again"
         except OllamaError as exc:
             return f"could not undo the pin: {exc.message}"
+
+
+def wait_for_threads(
+    lock: threading.Lock,
+    threads: Mapping[str, threading.Thread],
+    timeout_s: float,
+    tick: Callable[[], object] = lambda: None,
+) -> bool:
+    """Wait until ``threads`` (a map their owner empties under ``lock``) is empty, calling ``tick``
+    between short joins; True when it emptied within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with lock:
+            left = list(threads.values())
+        if not left:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        left[0].join(min(remaining, 0.2))
+        tick()
 
 
 def _already_true(a: Action, now: Mapping[str, LoadedModel]) -> str | None:

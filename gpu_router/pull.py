@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from gpu_router.executor import wait_for_threads
 from gpu_router.ollama import OllamaClient, OllamaError, PullStatus, PullStream
 from gpu_router.planner import Action, ActionKind
 from gpu_router.state import GIB, MIB
@@ -212,17 +213,7 @@ class PullManager:
 
     def wait_idle(self, timeout_s: float, tick: Callable[[], object] = lambda: None) -> bool:
         """Wait for every pull in flight (calling ``tick`` between short waits); True when none is left."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
-                threads = list(self._threads.values())
-            if not threads:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            threads[0].join(min(remaining, 0.2))
-            tick()
+        return wait_for_threads(self._lock, self._threads, timeout_s, tick)
 
     def stop(self, grace_s: float) -> list[str]:
         """Start nothing new, abandon every pull in flight, and give their threads ``grace_s`` to end."""

@@ -333,6 +333,33 @@ def _fill(layer_bytes: Sequence[int], capacity: dict[int, int], order: Sequence[
     return placed
 
 
+def _place_last(
+    layer_bytes: Sequence[int], want: int, capacity: dict[int, int], order: Sequence[int]
+) -> dict[int, list[int]]:
+    """The last ``want`` layers (the output layer among them) filled over ``order``: GPU -> layer indexes."""
+    n_layers = len(layer_bytes)
+    trial = _fill(layer_bytes[n_layers - want :], capacity, order) if want and order else {}
+    return {i: [n_layers - want + x for x in layers] for i, layers in trial.items()}
+
+
+def _buffers(
+    ordered: Sequence[GpuView],
+    placed: dict[int, list[int]],
+    layer_bytes: Sequence[int],
+    per_gpu: int,
+    first_gpu_extra: int,
+) -> tuple[dict[int, int], int]:
+    """Each GPU holding layers: their bytes + ``per_gpu`` (+ ``first_gpu_extra`` on the first); and
+    the bytes of the layers left on the CPU."""
+    vram: dict[int, int] = {}
+    for g in ordered:
+        layers = placed.get(g.index, [])
+        if layers:
+            vram[g.index] = sum(layer_bytes[i] for i in layers) + per_gpu + (0 if vram else first_gpu_extra)
+    on_gpu = {i for layers in placed.values() for i in layers}
+    return vram, sum(b for i, b in enumerate(layer_bytes) if i not in on_gpu)
+
+
 def _measured(
     shape: LoadShape,
     gpus: Sequence[GpuView],
@@ -366,8 +393,7 @@ def _measured(
     counts = range(len(ordered), len(ordered) + 1) if sched_spread else range(1, len(ordered) + 1)
     for k in counts:
         order = [g.index for g in ordered[:k]]
-        trial = _fill(layer_bytes[n_layers - want :], capacity, order) if want else {}
-        placed = {i: [n_layers - want + x for x in layers] for i, layers in trial.items()}
+        placed = _place_last(layer_bytes, want, capacity, order)
         if sum(len(v) for v in placed.values()) >= want:
             break
     on_gpu = sum(len(v) for v in placed.values())
@@ -377,15 +403,7 @@ def _measured(
         return Outcome(error=RUNNER_OOM, out_of_memory=True)
     fully = on_gpu >= n_layers
     graph_used = full if fully else partial
-    vram: dict[int, int] = {}
-    first = True
-    for g in ordered:
-        layers = placed.get(g.index, [])
-        if not layers:
-            continue
-        vram[g.index] = sum(layer_bytes[i] for i in layers) + graph_used + (projector if first else 0)
-        first = False
-    cpu = sum(layer_bytes[i] for i in range(n_layers) if not any(i in v for v in placed.values()))
+    vram, cpu = _buffers(ordered, placed, layer_bytes, graph_used, projector)
     if not vram:
         cpu += projector
     total = input_weights + cpu + sum(vram.values())
@@ -478,20 +496,11 @@ def _llama_server(shape: LoadShape, gpus: Sequence[GpuView], ram_free_bytes: int
         # -ngl N: no fitting; the layers go to the GPUs whatever their free memory says.
         capacity = {i: c + FIT_MARGIN_BYTES for i, c in capacity.items()}
     order = [g.index for g in ordered]
-    trial = _fill(layer_bytes[n_layers - want :], capacity, order) if want and order else {}
-    placed = {i: [n_layers - want + x for x in layers] for i, layers in trial.items()}
+    placed = _place_last(layer_bytes, want, capacity, order)
     on_gpu = sum(len(v) for v in placed.values())
     if shape.num_gpu >= 0 and on_gpu < want:
         return Outcome(error=LLAMA_SERVER_OOM, out_of_memory=True)
-    vram: dict[int, int] = {}
-    first = True
-    for g in ordered:
-        layers = placed.get(g.index, [])
-        if not layers:
-            continue
-        vram[g.index] = sum(layer_bytes[i] for i in layers) + compute + (vision_weights if first else 0)
-        first = False
-    on_cpu = sum(layer_bytes[i] for i in range(n_layers) if not any(i in v for v in placed.values()))
+    vram, on_cpu = _buffers(ordered, placed, layer_bytes, compute, vision_weights)
     if not vram:
         on_cpu += compute + vision_weights
     if on_cpu + cpu_only_parts > ram_free_bytes:

@@ -416,6 +416,15 @@ def cmd_models(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     return EX_OK
 
 
+ACTION_COLUMNS = ("NODE", "ACTION", "MODEL", "RESULT", "TOOK", "DETAIL")
+
+
+def _action_cells(a: Json) -> tuple[str, ...]:
+    """One action's row (an API action record), in ACTION_COLUMNS order."""
+    took = "-" if a["duration_s"] is None else f"{a['duration_s']:.1f}s"
+    return (a["node"], a["action"], a["model"], a["result"], took, a["detail"] or a["reason"])
+
+
 def daemon_tables(d: Json) -> list[Table]:
     """The daemon's own fields from ``/api/v1/status``: timings, node states, actions, backoffs."""
     from gpu_router.report import Table
@@ -449,21 +458,8 @@ def daemon_tables(d: Json) -> list[Table]:
     tables.append(Table("Node states", ("NODE", "STATE", "SINCE", "FOR"), states))
     actions = [*d["in_flight"], *d["actions"]]
     if actions:
-        rows = tuple(
-            (
-                when(a["started_at"]),
-                a["node"],
-                a["action"],
-                a["model"],
-                a["result"],
-                "-" if a["duration_s"] is None else f"{a['duration_s']:.1f}s",
-                a["detail"] or a["reason"],
-            )
-            for a in actions
-        )
-        tables.append(
-            Table("Last actions", ("STARTED", "NODE", "ACTION", "MODEL", "RESULT", "TOOK", "DETAIL"), rows)
-        )
+        rows = tuple((when(a["started_at"]), *_action_cells(a)) for a in actions)
+        tables.append(Table("Last actions", ("STARTED", *ACTION_COLUMNS), rows))
     if d.get("pulls"):
         pulls = tuple(
             (p["node"], p["model"], p["label"], when(p["started_at"]), f"{p['for_s']:.0f}s", p["reason"])
@@ -596,20 +592,8 @@ def _print_optimized(body: Json, args: argparse.Namespace, out: TextIO, *, by: s
     else:
         tables = []
         if body["actions"]:
-            rows = tuple(
-                (
-                    a["node"],
-                    a["action"],
-                    a["model"],
-                    a["result"],
-                    "-" if a["duration_s"] is None else f"{a['duration_s']:.1f}s",
-                    a["detail"] or a["reason"],
-                )
-                for a in body["actions"]
-            )
-            tables.append(
-                Table(f"Actions taken by {by}", ("NODE", "ACTION", "MODEL", "RESULT", "TOOK", "DETAIL"), rows)
-            )
+            rows = tuple(_action_cells(a) for a in body["actions"])
+            tables.append(Table(f"Actions taken by {by}", ACTION_COLUMNS, rows))
         elif body["planned"]:
             planned = tuple((a["node"], a["action"], a["model"], a["reason"]) for a in body["planned"])
             tables.append(Table("Planned, not taken", ("NODE", "ACTION", "MODEL", "REASON"), planned))

@@ -44,10 +44,11 @@ def make_daemon(make_node: MakeNode, tmp_path: Path) -> Iterator[MakeDaemon]:
         *,
         dry_run: bool = False,
         clock: Callable[[], float] | None = None,
+        notifier: Notifier | None = None,
         **settings: Any,
     ) -> Daemon:
         path = write_config(tmp_path / "config.yaml", nodes, priority, tmp_path / "state", **settings)
-        kwargs: dict[str, Any] = {"notifier": Notifier(environ={}), "dry_run": dry_run}
+        kwargs: dict[str, Any] = {"notifier": notifier or Notifier(environ={}), "dry_run": dry_run}
         if clock is not None:
             kwargs["clock"] = clock
         daemon = Daemon(load_config(path), **kwargs)
@@ -56,5 +57,6 @@ def make_daemon(make_node: MakeNode, tmp_path: Path) -> Iterator[MakeDaemon]:
 
     yield make
     for d in daemons:
+        d.pulls.stop(2.0)
         d.executor.stop(0)
         d.observer.close()

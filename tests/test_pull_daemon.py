@@ -13,13 +13,15 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_helpers import (
     WAIT_S,
+    FakeClock,
+    MakeDaemon,
     MakeNode,
     NotifyListener,
     pinned_on_gpu,
@@ -28,7 +30,6 @@ from daemon_helpers import (
 )
 
 from gpu_router.cli import _print_optimized, daemon_tables, main
-from gpu_router.config import load_config
 from gpu_router.daemon import Daemon
 from gpu_router.emulator import CATALOGUE, EmulatedNode, Fault
 from gpu_router.metrics import Scraper
@@ -37,21 +38,6 @@ from gpu_router.systemd import Notifier
 LLAMA32 = "llama3.2:latest"  # 1.9 GiB on disk, 3.1 GiB on GPU
 GEMMA = "gemma2:2b"
 PULL_S = 1.5  # how long an emulated pull of LLAMA32 takes in these tests
-
-MakeDaemon = Callable[..., Daemon]
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, start_s: float = 1000.0) -> None:
-        self.now_s = start_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
 
 
 @pytest.fixture
@@ -62,33 +48,14 @@ def listener() -> Iterator[NotifyListener]:
 
 
 @pytest.fixture
-def make_daemon(make_node: MakeNode, tmp_path: Path) -> Iterator[MakeDaemon]:
-    """A Daemon on a config written for ``nodes``; its pulls and actions are stopped at the end."""
-    daemons: list[Daemon] = []
+def make_daemon(make_daemon: MakeDaemon) -> MakeDaemon:
+    """conftest's daemon maker, with ``pull_missing`` on unless a test says otherwise."""
 
-    def make(
-        nodes: list[EmulatedNode],
-        priority: list[Any],
-        *,
-        dry_run: bool = False,
-        clock: Callable[[], float] | None = None,
-        notifier: Notifier | None = None,
-        **settings: Any,
-    ) -> Daemon:
+    def make(nodes: list[EmulatedNode], priority: list[Any], **settings: Any) -> Daemon:
         settings.setdefault("pull_missing", True)
-        path = write_config(tmp_path / "config.yaml", nodes, priority, tmp_path / "state", **settings)
-        kwargs: dict[str, Any] = {"notifier": notifier or Notifier(environ={}), "dry_run": dry_run}
-        if clock is not None:
-            kwargs["clock"] = clock
-        daemon = Daemon(load_config(path), **kwargs)
-        daemons.append(daemon)
-        return daemon
+        return make_daemon(nodes, priority, **settings)
 
-    yield make
-    for d in daemons:
-        d.pulls.stop(2.0)
-        d.executor.stop(0)
-        d.observer.close()
+    return make
 
 
 def watchdog_notifier(listener: NotifyListener) -> Notifier:

@@ -27,12 +27,13 @@ import gc
 import heapq
 import itertools
 import sys
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import NamedTuple, cast
+from functools import partial
+from typing import Any, NamedTuple, cast
 
 from gpu_router.config import Config, PriorityModel, is_cloud_name
 from gpu_router.memory import max_loaded_models, preload_check_passes
@@ -205,7 +206,7 @@ class ModelPlan:
     model: str
     priority: bool
     need: SizeEstimate  # on the decided node, else the smallest need of any node
-    fits: tuple[Fit, ...]
+    fits: tuple[Fit, ...]  # every node's verdict; empty in the daemon's plan (``plan(full=False)``)
     decision: Decision
     replicas_wanted: int = 0  # priority models only
     replicas_on_gpu: int = 0
@@ -409,9 +410,11 @@ def plan(
     ``learned`` holds sizes observed earlier; ``backoff`` holds (model, node) pairs whose last load
     or pull failed recently and are not to be chosen now; ``needs`` fixes models' needs by name
     (tests, benchmarks and what-if questions), over every other source. ``full=False`` (the
-    daemon's path) judges only the priority models, which are all it acts on; the report wants
-    every model. ``sizer`` is one already built on this state (the daemon's, which also learns
-    sizes from it). ``pulling`` holds the (model, node) pairs with a pull in flight.
+    daemon's path) judges only the priority models, which are all it acts on, and keeps no
+    verdict per node (``ModelPlan.fits`` is empty): its actions and decisions are the full plan's.
+    The report wants every model and every verdict. ``sizer`` is one already built on this state
+    (the daemon's, which also learns sizes from it). ``pulling`` holds the (model, node) pairs
+    with a pull in flight.
     """
     with _gc_paused():
         return _plan(state, config, sizer or Sizer(state, config, learned, needs), backoff, full, pulling)
@@ -468,7 +471,7 @@ def _plan(
         ests = tuple(sizer.profile_need(name, p, num_ctx) for p in range(len(n_all)))
         per_pid = [(e.need_bytes, e.span_need(n_all[p])) for p, e in enumerate(ests)]
         if sizer.is_cloud(name):
-            fits = [Fit(v[0], Verdict.CLOUD) for v in views]
+            fits = [Fit(v[0], Verdict.CLOUD) for v in views] if full else []
             decision = Decision(
                 Placement.NONE, None, "a cloud model: it runs on Ollama's servers, not on a node"
             )
@@ -484,18 +487,27 @@ def _plan(
                 )
             )
             continue
-        judged = _judge(views, name, per_pid, pm, room, backoff, ctx.evicted)
-        fits = judged.fits
+        wanted = _replicas(pm, gpu_node_count) if pm is not None else 0
+        # The daemon's path keeps a few best fits past the replicas it wants, for the nodes where
+        # Ollama's own limits refuse a load; past those the verdicts are judged in full.
+        judge = partial(_judge, views, name, per_pid, pm, room, backoff, ctx.evicted)
+        judged = judge() if full or wanted + 2 >= len(views) else judge(keep=wanted + 2)
+        verdicts = _Verdicts(judged.fits, judge)
         if pm is None:
-            decision = _decide_other(state, name, judged)
+            decision = _decide_other(state, name, judged, verdicts)
             summary = _summary_need(ests, node_pid, decision.node)
             plans.append(
                 ModelPlan(
-                    name, False, summary, tuple(fits), decision, profile_needs=ests, node_profiles=node_pid
+                    name,
+                    False,
+                    summary,
+                    tuple(verdicts.all()),
+                    decision,
+                    profile_needs=ests,
+                    node_profiles=node_pid,
                 )
             )
             continue
-        wanted = _replicas(pm, gpu_node_count)
         resident = judged.resident
         chosen = list(resident)
         refused: list[str] = []  # nodes where Ollama itself would unload what policy forbids
@@ -503,12 +515,12 @@ def _plan(
         info = state.model_info(name)
         embedding = info.embedding_only if info else False
         actions.extend(_repins(state, name, resident, embedding, pm, backoff))
-        fitting = _Fitting(judged)
+        fitting = _Fitting(judged, verdicts)
         while len(chosen) < wanted:
             # New copies: fit now first, best fit; then room made by policy.
-            pick = fitting.best(state, name, fits, chosen + refused)
+            pick = fitting.best(state, name, chosen + refused)
             if pick is None:
-                pick = _make_room(ctx, name, per_pid, fits, chosen + refused)
+                pick = _make_room(ctx, name, per_pid, verdicts.all(), chosen + refused)
             if pick is None:
                 break
             node_name, gpus, victims, returned = pick
@@ -518,8 +530,7 @@ def _plan(
             more = ctx.ollama_unloads(name, ests[node_pid[node_name]], node_name, gpus, victims, returned)
             if isinstance(more, str):
                 refused.append(node_name)
-                at = position[node_name]
-                fits[at] = fits[at]._replace(verdict=Verdict.NO_ROOM, note=more)
+                verdicts.change(position[node_name], verdict=Verdict.NO_ROOM, note=more)
                 continue
             node = state.node(node_name)
             assert node is not None
@@ -557,19 +568,21 @@ def _plan(
                 f"load on {node_name}" + (f" after unloading {', '.join(victims)}" if victims else "")
             )
             if victims:
-                at = position[node_name]
-                fits[at] = fits[at]._replace(
-                    verdict=Verdict.FITS_AFTER_EVICTION, evict=tuple(victims), note=reasons[-1]
+                verdicts.change(
+                    position[node_name],
+                    verdict=Verdict.FITS_AFTER_EVICTION,
+                    evict=tuple(victims),
+                    note=reasons[-1],
                 )
-        pulled = _pulls(ctx, name, pm, wanted, chosen, fits, per_pid, backoff, pulling)
         if chosen:
             note = "" if len(chosen) >= wanted else f"; only {len(chosen)} of {wanted} replicas fit on GPU"
             decision = Decision(Placement.GPU, chosen[0], "; ".join(reasons) + note, tuple(chosen))
         else:
-            decision = _cpu_decision(state, name, fits, config, embedding, backoff, actions)
+            decision = _cpu_decision(state, name, verdicts, config, embedding, backoff, actions)
+        # After the decision: its reason counts the verdicts as judged, before pulls mark them.
+        pulled = _pulls(ctx, name, pm, wanted, chosen, verdicts, per_pid, backoff, pulling)
         if pulled.note:
             decision = replace(decision, reason=f"{decision.reason}; {pulled.note}")
-        fits = pulled.fits
         pulls.extend(pulled.actions)
         summary = _summary_need(ests, node_pid, decision.node)
         plans.append(
@@ -577,7 +590,7 @@ def _plan(
                 name,
                 True,
                 summary,
-                tuple(fits),
+                tuple(verdicts.all()) if full else (),
                 decision,
                 wanted,
                 len(resident),
@@ -787,10 +800,10 @@ def _view(node: NodeState, cap: NodeCapacity, pid: int) -> _View:
 
 
 class _Judged(NamedTuple):
-    fits: list[Fit]
+    fits: list[Fit] | None  # every node's verdict, in node order; None when judged with ``keep``
     resident: list[str]  # nodes holding it fully on GPU, in node order
-    best: Fit | None  # the FITS verdict leaving the least room (first node on ties)
-    fitting: list[int]  # positions in fits of every FITS verdict
+    top: list[Fit]  # the best FITS verdicts, best first: the ``keep`` best, or the one best
+    fitting: int  # how many nodes it fits on now
 
 
 def _judge(
@@ -801,18 +814,26 @@ def _judge(
     room: _Room,
     backoff: Collection[tuple[str, str]],
     evicted: Mapping[str, set[str]],
+    keep: int = 0,
 ) -> _Judged:
     """Every node's verdict on ``model``, in node order, with the residents and the best fit.
+
+    With ``keep`` (the daemon's path) no verdict is built for each node, only the ``keep`` best
+    fits: most priority models need no more than their residents and a best fit or two, and
+    building 200,000 verdicts was most of a 10,000-node pass. "Best" is the least room left, then
+    the node listed first.
 
     One loop with the best fit inlined (a binary search in the room's index) and positional tuples:
     this runs nodes x models times per pass, so it is written for speed.
     """
+    every = not keep
     out: list[Fit] = []
     add = out.append
     resident: list[str] = []
-    best: Fit | None = None
-    best_left = sys.maxsize
-    fitting: list[int] = []
+    top: list[tuple[int, int, Fit]] = []  # (left, position, verdict): positions break ties
+    kept = keep or 1
+    worst = sys.maxsize  # a new fit must leave less than this to be kept
+    count = 0
     allowed = pm.nodes if pm is not None and pm.nodes else None
     index = room.index
     gpu, fits_v, no_room = Processor.GPU, Verdict.FITS, Verdict.NO_ROOM
@@ -839,80 +860,130 @@ def _judge(
             if held is not None and held.processor is gpu and (allowed is None or name in allowed):
                 # Missed a poll or two, not down yet: what it held still counts, so one lost answer
                 # does not fail a priority model over (and back). Nothing new goes there.
-                add(
-                    Fit(
-                        name,
-                        Verdict.RESIDENT,
-                        (),
-                        (),
-                        None,
-                        None,
-                        held.vram_bytes,
-                        None,
-                        "as of its last answer",
+                if every:
+                    add(
+                        Fit(
+                            name,
+                            Verdict.RESIDENT,
+                            (),
+                            (),
+                            None,
+                            None,
+                            held.vram_bytes,
+                            None,
+                            "as of its last answer",
+                        )
                     )
-                )
                 resident.append(name)
-            else:
+            elif every:
                 add(down)
             continue
         if allowed is not None and name not in allowed:
-            add(not_allowed)
+            if every:
+                add(not_allowed)
             continue
         if model in suspect:
-            add(Fit(name, Verdict.UNCLEAR))
+            if every:
+                add(Fit(name, Verdict.UNCLEAR))
             continue
         if sick is not None:
-            add(sick)
+            if every:
+                add(sick)
             continue
         loaded = loaded_map.get(model)
         if loaded is not None and loaded.processor is gpu and model not in evicted.get(name, ()):
-            add(Fit(name, Verdict.RESIDENT, (), (), None, None, loaded.vram_bytes))
+            if every:
+                add(Fit(name, Verdict.RESIDENT, (), (), None, None, loaded.vram_bytes))
             resident.append(name)
             continue
         if loaded is None and model not in installed:
-            add(not_installed)
+            if every:
+                add(not_installed)
             continue
         if no_gpu is not None:
-            add(no_gpu)
+            if every:
+                add(no_gpu)
             continue
         need, span_all = needs[pid]
         if need is None or span_all is None:
-            add(Fit(name, Verdict.SIZE_UNKNOWN))
+            if every:
+                add(Fit(name, Verdict.SIZE_UNKNOWN))
             continue
         if backoff and (model, name) in backoff:
-            add(Fit(name, Verdict.BACKOFF))
+            if every:
+                add(Fit(name, Verdict.BACKOFF))
             continue
         if max_usable < need and (n_gpus < 2 or sum_usable < span_all):
-            span = sum_usable if n_gpus > 1 else None
-            add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, max_usable, span))
+            if every:
+                span = sum_usable if n_gpus > 1 else None
+                add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, max_usable, span))
             continue
         # A copy of this model already there (partly on CPU) gives its VRAM back on reload.
         returned = loaded.vram_bytes if loaded is not None else 0
+        gpus: tuple[int, ...]
         if not returned:
             frees, singles, total = index[name]
             k = bisect_left(frees, need)  # the smallest free that holds it is the best fit
             if k < len(frees):
-                left = frees[k] - need
-                f = new(Fit, (name, fits_v, singles[k], (), left, need, None, None, ""))
+                left, gpus = frees[k] - need, singles[k]
             elif total >= span_all and len(frees) > 1:
-                left = total - span_all
-                f = new(Fit, (name, fits_v, tuple(range(len(frees))), (), left, need, None, None, ""))
+                left, gpus = total - span_all, tuple(range(len(frees)))
             else:
-                add(new(Fit, (name, no_room, (), (), None, need, total, None, "")))
+                if every:
+                    add(new(Fit, (name, no_room, (), (), None, need, total, None, "")))
                 continue
         else:
             spot = room.place(name, need, span_all, returned)
             if spot is None:
-                add(Fit(name, no_room, (), (), None, need, sum(room.free.get(name, ()))))
+                if every:
+                    add(Fit(name, no_room, (), (), None, need, sum(room.free.get(name, ()))))
                 continue
-            left = spot[1]
-            f = Fit(name, fits_v, spot[0], (), left, need)
-        fitting.append(position)
-        add(f)
-        if left < best_left:  # the first node wins a tie
-            best, best_left = f, left
-    return _Judged(out, resident, best, fitting)
+            gpus, left = spot
+        count += 1
+        if left >= worst:  # not among the best so far (a tie goes to the node listed first)
+            if every:
+                add(new(Fit, (name, fits_v, gpus, (), left, need, None, None, "")))
+            continue
+        f = new(Fit, (name, fits_v, gpus, (), left, need, None, None, ""))
+        if every:
+            add(f)
+        insort(top, (left, position, f))
+        if len(top) >= kept:
+            del top[kept:]
+            worst = top[-1][0]
+    return _Judged(out if every else None, resident, [f for _, _, f in top], count)
+
+
+class _Verdicts:
+    """One model's per-node verdicts, with the changes the pass makes to them.
+
+    The daemon's path judges without them (see ``_judge``'s ``keep``); a step that needs them
+    (making room, pulls, the reason nothing fits) has them judged then. Only this model's own
+    placements have changed the room since, on nodes every later step excludes, so the verdicts
+    it reads are the ones a full judgement would have given.
+    """
+
+    def __init__(self, fits: list[Fit] | None, judge: Callable[[], _Judged]) -> None:
+        self._fits = fits
+        self._judge = judge
+        self._changes: list[tuple[int, dict[str, Any]]] = []
+
+    def all(self) -> list[Fit]:
+        """Every node's verdict, in node order."""
+        if self._fits is None:
+            fits = self._judge().fits
+            assert fits is not None  # judged without ``keep``
+            for at, changes in self._changes:
+                fits[at] = fits[at]._replace(**changes)
+            self._fits = fits
+        return self._fits
+
+    def change(self, at: int, **changes: Any) -> None:
+        """Change fields of the verdict at position ``at`` (now, or once they are judged)."""
+        if self._fits is None:
+            self._changes.append((at, changes))
+        else:
+            self._fits[at] = self._fits[at]._replace(**changes)
 
 
 class _Fitting:
@@ -920,31 +991,20 @@ class _Fitting:
 
     The verdicts were judged against the current room, and a placement changes only the node it
     goes to, which is then excluded: their figures stay true across this model's replicas. The
-    first pick is the judge's own best; later ones come off a heap built only when needed.
+    picks come from the judge's best fits while they last, then off a heap of every FITS verdict,
+    built only when needed.
     """
 
-    def __init__(self, judged: _Judged) -> None:
+    def __init__(self, judged: _Judged, verdicts: _Verdicts) -> None:
         self._judged = judged
+        self._verdicts = verdicts
         self._heap: list[tuple[int, int]] | None = None
 
     def best(
-        self, state: ClusterState, model: str, fits: list[Fit], chosen: list[str]
+        self, state: ClusterState, model: str, chosen: list[str]
     ) -> tuple[str, tuple[int, ...], list[str], int] | None:
         """The FITS verdict leaving the least room (first node on ties) among nodes not chosen."""
-        pick: Fit | None = None
-        first = self._judged.best
-        if self._heap is None and first is not None and first.node not in chosen:
-            pick = first
-        else:
-            if self._heap is None:
-                self._heap = [(fits[i].left_bytes or 0, i) for i in self._judged.fitting]
-                heapq.heapify(self._heap)
-            while self._heap:
-                f = fits[self._heap[0][1]]
-                if f.verdict is Verdict.FITS and f.node not in chosen:
-                    pick = f
-                    break
-                heapq.heappop(self._heap)
+        pick = self._pick(chosen)
         if pick is None:
             return None
         node = state.node(pick.node)
@@ -953,6 +1013,25 @@ class _Fitting:
         # options would just reuse that runner.
         victims = [model] if loaded is not None else []
         return pick.node, pick.gpus, victims, loaded.vram_bytes if loaded is not None else 0
+
+    def _pick(self, chosen: list[str]) -> Fit | None:
+        judged = self._judged
+        if self._heap is None:
+            for f in judged.top:
+                if f.node not in chosen:
+                    return f
+            if judged.fitting <= len(judged.top):
+                return None
+            fits = self._verdicts.all()
+            self._heap = [(f.left_bytes or 0, i) for i, f in enumerate(fits) if f.verdict is Verdict.FITS]
+            heapq.heapify(self._heap)
+        fits = self._verdicts.all()
+        while self._heap:
+            f = fits[self._heap[0][1]]
+            if f.verdict is Verdict.FITS and f.node not in chosen:
+                return f
+            heapq.heappop(self._heap)
+        return None
 
 
 def _make_room(
@@ -994,7 +1073,6 @@ def _make_room(
 
 
 class _Pulled(NamedTuple):
-    fits: list[Fit]  # the verdicts, with PULL/PULLING where a pull is planned or in flight
     actions: list[Action]
     note: str  # for the decision's reason; empty when no pull is planned or in flight
 
@@ -1005,7 +1083,7 @@ def _pulls(
     pm: PriorityModel,
     wanted: int,
     chosen: Sequence[str],
-    fits: list[Fit],
+    verdicts: _Verdicts,
     per_pid: Sequence[tuple[int | None, int | None]],
     backoff: Collection[tuple[str, str]],
     pulling: Collection[tuple[str, str]],
@@ -1027,16 +1105,17 @@ def _pulls(
     above. A cloud model is never pulled.
     """
     not_installed = Verdict.NOT_INSTALLED
-    out = fits
     in_flight: list[str] = []
     if pulling and any(m == model for m, _ in pulling):
-        in_flight = [f.node for f in fits if f.verdict is not_installed and (model, f.node) in pulling]
-        out = [f._replace(verdict=Verdict.PULLING) if f.node in in_flight else f for f in fits]
+        for i, f in enumerate(verdicts.all()):
+            if f.verdict is not_installed and (model, f.node) in pulling:
+                in_flight.append(f.node)
+                verdicts.change(i, verdict=Verdict.PULLING)
     note = f"pulling it to {', '.join(in_flight)}" if in_flight else ""
     short = wanted - len(chosen) - len(in_flight)
     if short <= 0 or not ctx.config.wants_pull(pm) or is_cloud_name(model):
-        return _Pulled(out, [], note)
-    out = list(out)
+        return _Pulled([], note)
+    out = verdicts.all()
     gpu_room = ctx.pull_room()
     node_pid = ctx.node_pid
     place = ctx.room.place
@@ -1076,7 +1155,8 @@ def _pulls(
         for left, i, gpus, need, evicting in sorted(sized)[:short]:
             where = f"GPU {gpus[0]}" if len(gpus) == 1 else "GPUs " + ",".join(map(str, gpus))
             after = f" once what evict: {ctx.config.evict} allows is unloaded" if evicting else ""
-            out[i] = out[i]._replace(
+            verdicts.change(
+                i,
                 verdict=Verdict.PULL,
                 gpus=gpus,
                 left_bytes=left,
@@ -1095,7 +1175,8 @@ def _pulls(
             )
     elif unsized and not any(m == model for m, _ in pulling):
         max_usable, _, i = min(unsized)
-        out[i] = out[i]._replace(
+        verdicts.change(
+            i,
             verdict=Verdict.PULL,
             note=f"not installed; would pull it here: size unknown until it is on a node, and this node "
             f"has the most usable VRAM ({_gib(-max_usable)} per GPU)",
@@ -1111,7 +1192,7 @@ def _pulls(
     if actions:
         targets = ", ".join(a.node for a in actions)
         note = f"{note}; would pull it to {targets}" if note else f"would pull it to {targets}"
-    return _Pulled(out, actions, note)
+    return _Pulled(actions, note)
 
 
 def _repins(
@@ -1155,17 +1236,17 @@ def _load_reason(
     return f"reload fully on GPU (now {loaded.processor_label})"
 
 
-def _decide_other(state: ClusterState, model: str, judged: _Judged) -> Decision:
+def _decide_other(state: ClusterState, model: str, judged: _Judged, verdicts: _Verdicts) -> Decision:
     if judged.resident:
         first = judged.resident[0]
         return Decision(Placement.GPU, first, f"already on GPU on {first}", tuple(judged.resident))
-    if judged.best is not None:
-        f = judged.best
+    if judged.top:
+        f = judged.top[0]
         return Decision(Placement.GPU, f.node, f"best fit: {f.reason}", (f.node,))
-    return _cpu_or_none(state, model, judged.fits)
+    return _cpu_or_none(state, model, verdicts)
 
 
-def _cpu_or_none(state: ClusterState, model: str, fits: list[Fit]) -> Decision:
+def _cpu_or_none(state: ClusterState, model: str, verdicts: _Verdicts) -> Decision:
     # Only ``size_vram == size`` is on GPU: a partial offload runs at CPU speed, so it is CPU here.
     for n in state.nodes:
         loaded = n.loaded_model(model) if n.up else None
@@ -1178,7 +1259,7 @@ def _cpu_or_none(state: ClusterState, model: str, fits: list[Fit]) -> Decision:
                 f" ({split}no node can hold it fully on GPU now)",
                 (n.name,),
             )
-    return Decision(Placement.NONE, None, f"no node can hold it on GPU: {_summary(fits)}")
+    return Decision(Placement.NONE, None, f"no node can hold it on GPU: {_summary(verdicts.all())}")
 
 
 def _summary(fits: list[Fit]) -> str:
@@ -1192,16 +1273,17 @@ def _summary(fits: list[Fit]) -> str:
 def _cpu_decision(
     state: ClusterState,
     model: str,
-    fits: list[Fit],
+    verdicts: _Verdicts,
     config: Config,
     embedding: bool,
     backoff: Collection[tuple[str, str]],
     actions: list[Action],
 ) -> Decision:
-    current = _cpu_or_none(state, model, fits)
+    current = _cpu_or_none(state, model, verdicts)
     if current.placement is not Placement.NONE or not config.cpu_fallback:
         return current
     reason = "cpu_fallback: no GPU room anywhere"
+    fits = verdicts.all()
     for f in fits:
         node = state.node(f.node)
         if f.verdict is not Verdict.NO_GPU or node is None or node.installed_model(model) is None:

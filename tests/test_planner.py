@@ -403,13 +403,67 @@ def test_replicas_take_the_tightest_fits_in_turn_ties_to_the_first_node():
     assert p.model(M).decision.nodes == ("b", "d", "a", "e")
 
 
-@settings(max_examples=200, deadline=None)
-@given(clusters())
+@st.composite
+def daemon_cases(draw):
+    """``clusters`` with what the daemon's path must also get right: several replicas, nodes
+    lists, pulls wanted and in flight, backoff, and Ollama's own limit on loaded models."""
+    state, cfg, sizes = draw(clusters())
+    names = [n.name for n in state.nodes]
+    prio = tuple(
+        PriorityModel(
+            pm.name,
+            replicas=draw(st.sampled_from([1, 1, 2, 3, "all"])),
+            nodes=tuple(draw(st.lists(st.sampled_from(names), unique=True, max_size=2))),
+            pull=draw(st.sampled_from([None, True])),
+        )
+        for pm in cfg.priority_models
+    )
+    env = {"OLLAMA_MAX_LOADED_MODELS": draw(st.integers(1, 3))} if draw(st.booleans()) else {}
+    cfg = replace(cfg, priority_models=prio, ollama_env=MappingProxyType(env))
+    pairs = st.tuples(st.sampled_from(sorted(sizes)), st.sampled_from(names))
+    backoff = frozenset(draw(st.lists(pairs, max_size=3)))
+    pulling = frozenset(draw(st.lists(pairs, max_size=2)))
+    return state, cfg, sizes, backoff, pulling
+
+
+@settings(max_examples=300, deadline=None)
+@given(daemon_cases())
 def test_the_daemon_path_decides_priority_models_as_the_full_plan(case):
-    # full=False skips the models the daemon never acts on; what it decides must not change.
-    state, cfg, sizes = case
-    full, daemon = plan(state, cfg, needs=sizes), plan(state, cfg, needs=sizes, full=False)
+    # full=False skips the models the daemon never acts on, and judges each priority model without
+    # a verdict per node unless a step needs them; what it decides must not change.
+    state, cfg, sizes, backoff, pulling = case
+    full = plan(state, cfg, needs=sizes, backoff=backoff, pulling=pulling)
+    daemon = plan(state, cfg, needs=sizes, backoff=backoff, pulling=pulling, full=False)
     assert daemon.actions == full.actions
     assert daemon.nodes == full.nodes
+    assert [m.model for m in daemon.models] == [pm.name for pm in cfg.priority_models]
     for pm in cfg.priority_models:
-        assert daemon.model(pm.name) == full.model(pm.name)
+        ours = daemon.model(pm.name)
+        assert ours is not None
+        assert ours.fits == ()  # the report's plan has the verdicts
+        assert replace(ours, fits=full.model(pm.name).fits) == full.model(pm.name)
+
+
+def test_the_daemon_path_judges_in_full_past_the_best_fits_it_kept():
+    # Ollama's model limit refuses the best fits one after another (each holds a model policy
+    # protects), more than the daemon's path kept: it must go on to the next fit, as the report.
+    fill = {f"x{i}:latest": 1 for i in range(6)}
+    nodes = [
+        node(
+            f"p{i}",
+            (8,),
+            installed={M: 2, f"x{i}:latest": 1},
+            loaded_models=(loaded(f"x{i}:latest", 1, pinned=True),),
+        )
+        for i in range(5)
+    ]
+    state = cluster(*nodes, node("free", (24,), installed={M: 2}))
+    cfg = replace(
+        config(M, evict="idle"), ollama_env=MappingProxyType({"OLLAMA_MAX_LOADED_MODELS": 1})
+    )
+    sizes = needs(m__latest=3, **{k.replace(":", "__"): v for k, v in fill.items()})
+    full, daemon = plan(state, cfg, needs=sizes), plan(state, cfg, needs=sizes, full=False)
+    assert actions(daemon) == actions(full) == [("load", "free", M)]
+    refused = [f for f in full.model(M).fits if f.verdict is Verdict.NO_ROOM]
+    assert [f.node for f in refused] == [f"p{i}" for i in range(5)]
+    assert all("OLLAMA_MAX_LOADED_MODELS" in f.reason for f in refused)

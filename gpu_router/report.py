@@ -196,20 +196,33 @@ def to_json(row: object) -> Json:
     return out
 
 
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+_PRIORITY_ONLY = frozenset({"replicas_wanted", "replicas_on_gpu"})
+# Field names per record class, looked up once: dataclasses.fields() on every record was most of
+# the time a 500-node report took to print (6,000 verdict rows).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _to_json(value: object) -> object:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {}
-        for f in dataclasses.fields(value):
-            v = getattr(value, f.name)
-            if v is None and f.name in ("replicas_wanted", "replicas_on_gpu"):
-                continue  # only priority models have them
-            out[f.name] = _to_json(v)
-        return out
-    if isinstance(value, tuple):
-        return [_to_json(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
+    cls = type(value)
+    if cls in _ATOMS:
+        return value
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        if not dataclasses.is_dataclass(cls):
+            if isinstance(value, tuple):
+                return [_to_json(v) for v in value]
+            if isinstance(value, datetime):
+                return value.isoformat()
+            return value
+        names = _FIELD_NAMES.setdefault(cls, tuple(f.name for f in dataclasses.fields(cls)))
+    out = {}
+    for name in names:
+        v = getattr(value, name)
+        if v is None and name in _PRIORITY_ONLY:
+            continue  # only priority models have them
+        out[name] = v if type(v) in _ATOMS else _to_json(v)
+    return out
 
 
 def _from_json(hint: Any, data: object) -> object:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
 from urllib.parse import urlsplit, urlunsplit
 
 from gpu_router.gpus.exporter_amd import (
@@ -113,6 +112,10 @@ class ExporterSource:
         self._own_client = client is None
         self._problem = ""
         self._last_error: str | None = None  # what the last failed scrape said, for logging changes only
+        # XID errors count only when they change between this source's scrapes. Made here, not on
+        # first use: functools.cached_property locks one lock for every instance, and 250 sources
+        # read at once in a one-shot report queued on it.
+        self._health = HealthTracker(f"exporter {self._display_url}")
         try:
             parts = urlsplit(url)
             self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -159,11 +162,6 @@ class ExporterSource:
             self._last_error = None
         gpus = self._health.apply(match.gpus, match.xid)
         return GpuReading(VramSource.EXPORTER, gpus, error=error, detail=kind.label)
-
-    @cached_property
-    def _health(self) -> HealthTracker:
-        # Created on first use: XID errors count only when they change between this source's scrapes.
-        return HealthTracker(f"exporter {redact_url(self.url)}")
 
     def close(self) -> None:
         """Close the HTTP client's connections if this source created it."""

@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpu_router.gpus import scrape
 from gpu_router.gpus.exporter import ExporterSource, redact_url
 from gpu_router.gpus.exporter_nvidia import interpret_dcgm, interpret_nvidia_smi
-from gpu_router.gpus.scrape import PromParseError, parse_prometheus_text, parse_sample_line
+from gpu_router.gpus.scrape import PromParseError, Sample, parse_prometheus_text, parse_sample_line
 from gpu_router.state import MIB, GpuReading, VramSource
 from gpu_router.transport import HttpClient
 
@@ -482,3 +483,42 @@ def test_odd_gpu_index_labels_are_not_numbers(label: str) -> None:
     assert int_label(label) is None
     assert int_label("nvidia3") == 3
     assert int_label(" 7 ") == 7
+
+
+_LINE_PARTS = st.sampled_from(
+    ["m", "DCGM_FI_DEV_FB_USED", "a:b", "_x", "9", "{", "}", "=", '"', ",", " ", "\t", "\\", "\\n",
+     '\\"', "gpu", "UUID", "1", "-2.5e3", "NaN", "+Inf", "x}y", "é", "\x0b", "1700000000000"]
+)
+
+
+@st.composite
+def _sample_lines(draw: st.DrawFn) -> str:
+    """Lines near the text format: well-formed ones often, with every kind of damage too."""
+    if draw(st.booleans()):
+        return "".join(draw(st.lists(_LINE_PARTS, max_size=14)))
+    key = st.sampled_from(["gpu", "UUID", "k_1", "9a", "a:b", ""])
+    value = st.sampled_from(["0", "NVIDIA A10", "x}y,z", "", 'q"', "a\\b", "é"])
+    labels = draw(st.lists(st.tuples(key, value), max_size=3))
+    gap = st.sampled_from(["", " ", "\t", "  "])
+    block = ",".join(f'{draw(gap)}{k}{draw(gap)}={draw(gap)}"{v}"' for k, v in labels)
+    if draw(st.booleans()):
+        block += ","
+    head = draw(st.sampled_from(["DCGM_FI_DEV_FB_FREE", "m", "a:b", "1m"]))
+    body = f"{{{block}{draw(gap)}}}" if draw(st.booleans()) else ""
+    tail = draw(st.sampled_from(["1", "23028", "-1e3", "NaN", "x", "", "1 1700000000000", "1 2 3"]))
+    return f"{head}{draw(gap)}{body}{draw(gap)}{tail}{draw(gap)}"
+
+
+@settings(max_examples=600, deadline=None)
+@given(_sample_lines())
+def test_the_fast_line_parser_agrees_with_the_scanner(line: str) -> None:
+    # The regular expression takes the common lines; the scanner is the definition.
+    def parsed(parse: Callable[[str], Sample]) -> tuple[str, dict[str, str], str] | str:
+        try:
+            sample = parse(line)
+        except PromParseError as exc:
+            return f"error: {exc}"
+        return sample.name, dict(sample.labels), repr(sample.value)  # NaN != NaN, "nan" == "nan"
+
+    fast, scanned = parsed(parse_sample_line), parsed(scrape._scan_sample_line)
+    assert fast == scanned

@@ -223,3 +223,38 @@ def test_the_report_imports_its_planner_while_the_nodes_are_asked(tmp_path: Path
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_large_pass_switches_threads_coarsely_while_it_runs(
+    make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The emulator answers in this interpreter: its handler sees the interval the pass set.
+    monkeypatch.setattr(observe, "COARSE_SWITCH_FROM_CALLS", 2)  # a pass of 3 calls counts as large
+    node = make_node("solo", (8192,), (LLAMA32,))
+    seen: list[float] = []
+    node.on_request("/api/ps", lambda _: seen.append(sys.getswitchinterval()), once=False)
+    config = load_config(write_static_config(tmp_path / "config.yaml", [node], [LLAMA32], tmp_path / "state"))
+    before = sys.getswitchinterval()
+    assert before < observe.COARSE_SWITCH_S
+    assert observe_once(config).nodes[0].up
+    # (the interpreter keeps the interval in microseconds: compare to the microsecond)
+    assert [round(s, 6) for s in seen] == [observe.COARSE_SWITCH_S]
+    assert sys.getswitchinterval() == before  # process-wide: put back once the pass is over
+    monkeypatch.setattr(observe, "COARSE_SWITCH_FROM_CALLS", 100)  # now a small pass: left alone
+    assert observe_once(config).nodes[0].up
+    assert [round(s, 6) for s in seen] == [observe.COARSE_SWITCH_S, round(before, 6)]
+
+
+def test_coarse_switching_puts_the_interval_back_after_a_failure() -> None:
+    before = sys.getswitchinterval()
+    during: list[float] = []
+
+    def failing_pass() -> None:
+        with observe.coarse_switching(observe.COARSE_SWITCH_FROM_CALLS):
+            during.append(round(sys.getswitchinterval(), 6))
+            raise RuntimeError("a pass that failed")
+
+    with pytest.raises(RuntimeError):
+        failing_pass()
+    assert during == [observe.COARSE_SWITCH_S]
+    assert sys.getswitchinterval() == before

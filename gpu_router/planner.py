@@ -445,6 +445,13 @@ def _plan(
     # Plain tuples for the hot loop: unpacking a tuple subclass (a NamedTuple) takes the generic,
     # slow path, which cost a quarter of the judging on 10,000 nodes.
     views = cast(list[_View], [tuple(v) for v in views])
+    index: _FitIndex | None = None
+    if not full:
+        on: dict[str, list[int]] = {}
+        for i, view in enumerate(views):
+            for m in view[6]:
+                on.setdefault(m, []).append(i)
+        index = _FitIndex(views, room, on)
     priority = {p.name: p for p in config.priority_models}
     models = list(priority)
     others: list[str] = []
@@ -491,7 +498,10 @@ def _plan(
         # The daemon's path keeps a few best fits past the replicas it wants, for the nodes where
         # Ollama's own limits refuse a load; past those the verdicts are judged in full.
         judge = partial(_judge, views, name, per_pid, pm, room, backoff, ctx.evicted)
-        judged = judge() if full or wanted + 2 >= len(views) else judge(keep=wanted + 2)
+        if index is None or wanted + 2 >= len(views):
+            judged = judge()
+        else:
+            judged = index.judge(name, per_pid, pm, backoff, ctx.evicted, keep=wanted + 2)
         verdicts = _Verdicts(judged.fits, judge)
         if pm is None:
             decision = _decide_other(state, name, judged, verdicts)
@@ -538,7 +548,10 @@ def _plan(
                 loaded = node.loaded_model(v)
                 returned += loaded.vram_bytes if loaded is not None else 0
             victims = [*victims, *more]
+            before = room.index.get(node_name)
             room.take(node_name, gpus, need_bytes, span, returned)
+            if index is not None and before is not None:
+                index.moved(position[node_name], before)
             for v in victims:
                 ctx.evicted.setdefault(node_name, set()).add(v)
                 actions.append(
@@ -803,7 +816,7 @@ class _Judged(NamedTuple):
     fits: list[Fit] | None  # every node's verdict, in node order; None when judged with ``keep``
     resident: list[str]  # nodes holding it fully on GPU, in node order
     top: list[Fit]  # the best FITS verdicts, best first: the ``keep`` best, or the one best
-    fitting: int  # how many nodes it fits on now
+    fitting: int | None  # how many nodes it fits on now (None: not counted, see _FitIndex)
 
 
 def _judge(
@@ -954,6 +967,129 @@ def _judge(
     return _Judged(out if every else None, resident, [f for _, _, f in top], count)
 
 
+class _FitIndex:
+    """The daemon's best-fit search: every candidate GPU's free room, sorted, per sizing profile.
+
+    Candidates are the nodes that are up with GPUs of known size, not all unhealthy. For a model,
+    a binary search finds the GPUs with room for it, least room first; the first few nodes there
+    that may take it are its best fits (the least room left, then the node listed first, as
+    ``_judge`` ranks them). Nodes where the model is loaded are judged one by one by ``_judge``
+    itself. So a priority model costs a search, not a pass over 10,000 nodes; its other verdicts
+    are judged in full if a step needs them (``_Verdicts``).
+    """
+
+    def __init__(self, views: Sequence[_View], room: _Room, loaded: Mapping[str, list[int]]) -> None:
+        self._views = views
+        self._room = room
+        self.loaded = loaded  # model -> positions of the nodes whose /api/ps shows it, in node order
+        # pid -> sorted (free, position, slot) of each GPU; pid -> sorted (total, position) of each
+        # node with two GPUs or more, for a model that no single GPU can hold.
+        self._singles: dict[int, list[tuple[int, int, int]]] = {}
+        self._spans: dict[int, list[tuple[int, int]]] = {}
+        self._candidates: set[int] = set()
+        for position, v in enumerate(views):
+            if v[1] and v[10] is None and v[14] is None:  # up, not sick, with known GPUs
+                self._candidates.add(position)
+                entries, span = self._entries(position)
+                self._singles.setdefault(v[2], []).extend(entries)
+                if span is not None:
+                    self._spans.setdefault(v[2], []).append(span)
+        for entries in self._singles.values():
+            entries.sort()
+        for spans in self._spans.values():
+            spans.sort()
+
+    def _entries(self, position: int) -> tuple[list[tuple[int, int, int]], tuple[int, int] | None]:
+        frees, singles, total = self._room.index[self._views[position][0]]
+        entries = [(f, position, slot[0]) for f, slot in zip(frees, singles, strict=True)]
+        return entries, ((total, position) if len(frees) > 1 else None)
+
+    def moved(self, position: int, before: tuple[list[int], list[tuple[int]], int]) -> None:
+        """A placement changed this node's room (``before`` is its old index entry)."""
+        if position not in self._candidates:
+            return
+        pid = self._views[position][2]
+        frees, singles, total = before
+        singles_list = self._singles[pid]
+        for f, slot in zip(frees, singles, strict=True):
+            at = bisect_left(singles_list, (f, position, slot[0]))
+            del singles_list[at]
+        spans_list = self._spans.get(pid)
+        if spans_list is not None and len(frees) > 1:
+            del spans_list[bisect_left(spans_list, (total, position))]
+        entries, span = self._entries(position)
+        for entry in entries:
+            insort(singles_list, entry)
+        if span is not None and spans_list is not None:
+            insort(spans_list, span)
+
+    def judge(
+        self,
+        model: str,
+        needs: Sequence[tuple[int | None, int | None]],
+        pm: PriorityModel | None,
+        backoff: Collection[tuple[str, str]],
+        evicted: Mapping[str, set[str]],
+        keep: int,
+    ) -> _Judged:
+        """What ``_judge(..., keep=keep)`` gives, but for the number of nodes it fits on (None)."""
+        views = self._views
+        on = self.loaded.get(model, [])
+        # The nodes where it is loaded, judged as _judge judges every node.
+        judged = _judge([views[i] for i in on], model, needs, pm, self._room, backoff, evicted, keep)
+        at = {views[i][0]: i for i in on}
+        found: list[tuple[int, int, Fit]] = [(f.left_bytes or 0, at[f.node], f) for f in judged.top]
+        allowed = pm.nodes if pm is not None and pm.nodes else None
+        new = tuple.__new__
+        fits_v = Verdict.FITS
+
+        def takes(position: int) -> bool:
+            # _judge's checks for a node that is up, healthy, with GPUs, and without it loaded.
+            name, _, _, _, _, _, loaded_map, installed, _, suspect = views[position][:10]
+            return (
+                (allowed is None or name in allowed)
+                and model not in suspect
+                and model not in loaded_map
+                and model in installed
+                and not (backoff and (model, name) in backoff)
+            )
+
+        for pid, (need, span_all) in enumerate(needs):
+            if need is None or span_all is None:
+                continue
+            taken: set[int] = set()
+            singles = self._singles.get(pid, [])
+            for free, position, slot in singles[bisect_left(singles, (need, -1, -1)) :]:
+                if len(taken) >= keep:
+                    break  # the rest leave more room
+                if position in taken or not takes(position):
+                    continue
+                taken.add(position)
+                left = free - need
+                fit = new(Fit, (views[position][0], fits_v, (slot,), (), left, need, None, None, ""))
+                found.append((left, position, fit))
+            ranked = sorted(c[:2] for c in found)
+            worst = ranked[keep - 1][0] if len(ranked) >= keep else sys.maxsize
+            spans = self._spans.get(pid, [])
+            count = 0
+            for total, position in spans[bisect_left(spans, (span_all, -1)) :]:
+                left = total - span_all
+                if count >= keep or left > worst:
+                    break
+                v = views[position]
+                frees = self._room.index[v[0]][0]
+                if frees[-1] >= need:
+                    continue  # a single GPU holds it there: found above
+                # Never too large (_judge's check): free room is within usable VRAM, 0 on a sick GPU.
+                if not takes(position):
+                    continue
+                count += 1
+                gpus = tuple(range(len(frees)))
+                found.append((left, position, new(Fit, (v[0], fits_v, gpus, (), left, need, None, None, ""))))
+        found.sort(key=lambda c: (c[0], c[1]))
+        return _Judged(None, judged.resident, [f for _, _, f in found[:keep]], None)
+
+
 class _Verdicts:
     """One model's per-node verdicts, with the changes the pass makes to them.
 
@@ -1020,7 +1156,7 @@ class _Fitting:
             for f in judged.top:
                 if f.node not in chosen:
                     return f
-            if judged.fitting <= len(judged.top):
+            if judged.fitting is not None and judged.fitting <= len(judged.top):
                 return None
             fits = self._verdicts.all()
             self._heap = [(f.left_bytes or 0, i) for i, f in enumerate(fits) if f.verdict is Verdict.FITS]

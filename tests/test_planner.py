@@ -241,13 +241,18 @@ def test_non_priority_models_get_a_decision_but_no_action():
 
 
 @st.composite
-def clusters(draw):
+def clusters(draw, fillers=False):
+    """Up to five nodes; ``fillers`` loads a non-priority model filling most of some nodes' first
+    GPU, so room must be made there."""
     names = [f"m{i}:latest" for i in range(draw(st.integers(1, 6)))]
     nodes = []
     for i in range(draw(st.integers(1, 5))):
         gpus = tuple(draw(st.lists(st.sampled_from([4, 8, 12, 24]), min_size=0, max_size=3)))
         inst = {m: 1.0 for m in names if draw(st.booleans())}
         lm = []
+        if fillers and gpus and draw(st.booleans()):
+            size = gpus[0] * draw(st.floats(0.3, 0.95))
+            lm.append(loaded(f"filler{i}:latest", size, pinned=False, expires_in_s=draw(st.integers(1, 900))))
         for m in inst:
             if draw(st.integers(0, 3)) == 0:
                 size = draw(st.floats(0.5, 10))
@@ -407,7 +412,26 @@ def test_replicas_take_the_tightest_fits_in_turn_ties_to_the_first_node():
 def daemon_cases(draw):
     """``clusters`` with what the daemon's path must also get right: several replicas, nodes
     lists, pulls wanted and in flight, backoff, and Ollama's own limit on loaded models."""
-    state, cfg, sizes = draw(clusters())
+    state, cfg, sizes = draw(clusters(fillers=True))
+    extra = draw(st.lists(clusters(fillers=True), max_size=1))  # up to ten nodes: more than the few best kept
+    if extra:
+        more = [replace(n, name=f"x{n.name}") for n in extra[0][0].nodes]
+        state = replace(state, nodes=(*state.nodes, *more))
+        sizes = {**extra[0][2], **sizes}
+    changed = []
+    for n in state.nodes:
+        # Sick GPUs, stale pictures of nodes that missed a poll, entries /api/ps could not vouch for.
+        gpus = tuple(
+            replace(g, healthy=False, health_reason="xid 79") if draw(st.integers(0, 5)) == 0 else g
+            for g in n.gpu.gpus
+        )
+        n = replace(n, gpu=replace(n.gpu, gpus=gpus))
+        if n.status is NodeStatus.DOWN and draw(st.booleans()):
+            n = replace(n, status=NodeStatus.DEGRADED, stale=True, error=None)
+        if n.loaded and draw(st.integers(0, 3)) == 0:
+            n = replace(n, suspect=frozenset({n.loaded[0].name}))
+        changed.append(n)
+    state = replace(state, nodes=tuple(changed))
     names = [n.name for n in state.nodes]
     prio = tuple(
         PriorityModel(
@@ -426,7 +450,7 @@ def daemon_cases(draw):
     return state, cfg, sizes, backoff, pulling
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(daemon_cases())
 def test_the_daemon_path_decides_priority_models_as_the_full_plan(case):
     # full=False skips the models the daemon never acts on, and judges each priority model without
@@ -458,12 +482,11 @@ def test_the_daemon_path_judges_in_full_past_the_best_fits_it_kept():
         for i in range(5)
     ]
     state = cluster(*nodes, node("free", (24,), installed={M: 2}))
-    cfg = replace(
-        config(M, evict="idle"), ollama_env=MappingProxyType({"OLLAMA_MAX_LOADED_MODELS": 1})
-    )
+    cfg = replace(config(M, evict="idle"), ollama_env=MappingProxyType({"OLLAMA_MAX_LOADED_MODELS": 1}))
     sizes = needs(m__latest=3, **{k.replace(":", "__"): v for k, v in fill.items()})
     full, daemon = plan(state, cfg, needs=sizes), plan(state, cfg, needs=sizes, full=False)
     assert actions(daemon) == actions(full) == [("load", "free", M)]
     refused = [f for f in full.model(M).fits if f.verdict is Verdict.NO_ROOM]
     assert [f.node for f in refused] == [f"p{i}" for i in range(5)]
     assert all("OLLAMA_MAX_LOADED_MODELS" in f.reason for f in refused)
+

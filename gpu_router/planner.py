@@ -813,9 +813,9 @@ def _view(node: NodeState, cap: NodeCapacity, pid: int) -> _View:
 
 
 class _Judged(NamedTuple):
-    fits: list[Fit] | None  # every node's verdict, in node order; None when judged with ``keep``
+    fits: list[Fit] | None  # every node's verdict, in node order; None from _FitIndex
     resident: list[str]  # nodes holding it fully on GPU, in node order
-    top: list[Fit]  # the best FITS verdicts, best first: the ``keep`` best, or the one best
+    top: list[Fit]  # the best FITS verdicts, best first: the one best, or _FitIndex's few
     fitting: int | None  # how many nodes it fits on now (None: not counted, see _FitIndex)
 
 
@@ -827,26 +827,18 @@ def _judge(
     room: _Room,
     backoff: Collection[tuple[str, str]],
     evicted: Mapping[str, set[str]],
-    keep: int = 0,
 ) -> _Judged:
     """Every node's verdict on ``model``, in node order, with the residents and the best fit.
-
-    With ``keep`` (the daemon's path) no verdict is built for each node, only the ``keep`` best
-    fits: most priority models need no more than their residents and a best fit or two, and
-    building 200,000 verdicts was most of a 10,000-node pass. "Best" is the least room left, then
-    the node listed first.
 
     One loop with the best fit inlined (a binary search in the room's index) and positional tuples:
     this runs nodes x models times per pass, so it is written for speed.
     """
-    every = not keep
     out: list[Fit] = []
     add = out.append
     resident: list[str] = []
-    top: list[tuple[int, int, Fit]] = []  # (left, position, verdict): positions break ties
-    kept = keep or 1
-    worst = sys.maxsize  # a new fit must leave less than this to be kept
-    count = 0
+    best: Fit | None = None
+    best_left = sys.maxsize
+    fitting: list[int] = []
     allowed = pm.nodes if pm is not None and pm.nodes else None
     index = room.index
     gpu, fits_v, no_room = Processor.GPU, Verdict.FITS, Verdict.NO_ROOM
@@ -873,98 +865,80 @@ def _judge(
             if held is not None and held.processor is gpu and (allowed is None or name in allowed):
                 # Missed a poll or two, not down yet: what it held still counts, so one lost answer
                 # does not fail a priority model over (and back). Nothing new goes there.
-                if every:
-                    add(
-                        Fit(
-                            name,
-                            Verdict.RESIDENT,
-                            (),
-                            (),
-                            None,
-                            None,
-                            held.vram_bytes,
-                            None,
-                            "as of its last answer",
-                        )
+                add(
+                    Fit(
+                        name,
+                        Verdict.RESIDENT,
+                        (),
+                        (),
+                        None,
+                        None,
+                        held.vram_bytes,
+                        None,
+                        "as of its last answer",
                     )
+                )
                 resident.append(name)
-            elif every:
+            else:
                 add(down)
             continue
         if allowed is not None and name not in allowed:
-            if every:
-                add(not_allowed)
+            add(not_allowed)
             continue
         if model in suspect:
-            if every:
-                add(Fit(name, Verdict.UNCLEAR))
+            add(Fit(name, Verdict.UNCLEAR))
             continue
         if sick is not None:
-            if every:
-                add(sick)
+            add(sick)
             continue
         loaded = loaded_map.get(model)
         if loaded is not None and loaded.processor is gpu and model not in evicted.get(name, ()):
-            if every:
-                add(Fit(name, Verdict.RESIDENT, (), (), None, None, loaded.vram_bytes))
+            add(Fit(name, Verdict.RESIDENT, (), (), None, None, loaded.vram_bytes))
             resident.append(name)
             continue
         if loaded is None and model not in installed:
-            if every:
-                add(not_installed)
+            add(not_installed)
             continue
         if no_gpu is not None:
-            if every:
-                add(no_gpu)
+            add(no_gpu)
             continue
         need, span_all = needs[pid]
         if need is None or span_all is None:
-            if every:
-                add(Fit(name, Verdict.SIZE_UNKNOWN))
+            add(Fit(name, Verdict.SIZE_UNKNOWN))
             continue
         if backoff and (model, name) in backoff:
-            if every:
-                add(Fit(name, Verdict.BACKOFF))
+            add(Fit(name, Verdict.BACKOFF))
             continue
         if max_usable < need and (n_gpus < 2 or sum_usable < span_all):
-            if every:
-                span = sum_usable if n_gpus > 1 else None
-                add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, max_usable, span))
+            span = sum_usable if n_gpus > 1 else None
+            add(Fit(name, Verdict.TOO_LARGE, (), (), None, need, max_usable, span))
             continue
         # A copy of this model already there (partly on CPU) gives its VRAM back on reload.
         returned = loaded.vram_bytes if loaded is not None else 0
-        gpus: tuple[int, ...]
         if not returned:
             frees, singles, total = index[name]
             k = bisect_left(frees, need)  # the smallest free that holds it is the best fit
             if k < len(frees):
-                left, gpus = frees[k] - need, singles[k]
+                left = frees[k] - need
+                f = new(Fit, (name, fits_v, singles[k], (), left, need, None, None, ""))
             elif total >= span_all and len(frees) > 1:
-                left, gpus = total - span_all, tuple(range(len(frees)))
+                left = total - span_all
+                f = new(Fit, (name, fits_v, tuple(range(len(frees))), (), left, need, None, None, ""))
             else:
-                if every:
-                    add(new(Fit, (name, no_room, (), (), None, need, total, None, "")))
+                add(new(Fit, (name, no_room, (), (), None, need, total, None, "")))
                 continue
         else:
             spot = room.place(name, need, span_all, returned)
             if spot is None:
-                if every:
-                    add(Fit(name, no_room, (), (), None, need, sum(room.free.get(name, ()))))
+                add(Fit(name, no_room, (), (), None, need, sum(room.free.get(name, ()))))
                 continue
-            gpus, left = spot
-        count += 1
-        if left >= worst:  # not among the best so far (a tie goes to the node listed first)
-            if every:
-                add(new(Fit, (name, fits_v, gpus, (), left, need, None, None, "")))
-            continue
-        f = new(Fit, (name, fits_v, gpus, (), left, need, None, None, ""))
-        if every:
-            add(f)
-        insort(top, (left, position, f))
-        if len(top) >= kept:
-            del top[kept:]
-            worst = top[-1][0]
-    return _Judged(out if every else None, resident, [f for _, _, f in top], count)
+            left = spot[1]
+            f = Fit(name, fits_v, spot[0], (), left, need)
+        fitting.append(position)
+        add(f)
+        if left < best_left:  # the first node wins a tie
+            best, best_left = f, left
+    return _Judged(out, resident, [best] if best is not None else [], len(fitting))
 
 
 class _FitIndex:
@@ -1032,16 +1006,18 @@ class _FitIndex:
         evicted: Mapping[str, set[str]],
         keep: int,
     ) -> _Judged:
-        """What ``_judge(..., keep=keep)`` gives, but for the number of nodes it fits on (None)."""
+        """The residents and the ``keep`` best fits that ``_judge`` would find (not the count)."""
         views = self._views
         on = self.loaded.get(model, [])
-        # The nodes where it is loaded, judged as _judge judges every node.
-        judged = _judge([views[i] for i in on], model, needs, pm, self._room, backoff, evicted, keep)
-        at = {views[i][0]: i for i in on}
-        found: list[tuple[int, int, Fit]] = [(f.left_bytes or 0, at[f.node], f) for f in judged.top]
+        # The nodes where it is loaded (a few), judged as _judge judges every node.
+        judged = _judge([views[i] for i in on], model, needs, pm, self._room, backoff, evicted)
+        assert judged.fits is not None
+        fits_v = Verdict.FITS
+        found: list[tuple[int, int, Fit]] = [
+            (f.left_bytes or 0, i, f) for i, f in zip(on, judged.fits, strict=True) if f.verdict is fits_v
+        ]
         allowed = pm.nodes if pm is not None and pm.nodes else None
         new = tuple.__new__
-        fits_v = Verdict.FITS
 
         def takes(position: int) -> bool:
             # _judge's checks for a node that is up, healthy, with GPUs, and without it loaded.
@@ -1093,7 +1069,7 @@ class _FitIndex:
 class _Verdicts:
     """One model's per-node verdicts, with the changes the pass makes to them.
 
-    The daemon's path judges without them (see ``_judge``'s ``keep``); a step that needs them
+    The daemon's path judges without them (see ``_FitIndex``); a step that needs them
     (making room, pulls, the reason nothing fits) has them judged then. Only this model's own
     placements have changed the room since, on nodes every later step excludes, so the verdicts
     it reads are the ones a full judgement would have given.
@@ -1108,7 +1084,7 @@ class _Verdicts:
         """Every node's verdict, in node order."""
         if self._fits is None:
             fits = self._judge().fits
-            assert fits is not None  # judged without ``keep``
+            assert fits is not None  # _judge gives every verdict
             for at, changes in self._changes:
                 fits[at] = fits[at]._replace(**changes)
             self._fits = fits

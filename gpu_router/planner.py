@@ -445,13 +445,7 @@ def _plan(
     # Plain tuples for the hot loop: unpacking a tuple subclass (a NamedTuple) takes the generic,
     # slow path, which cost a quarter of the judging on 10,000 nodes.
     views = cast(list[_View], [tuple(v) for v in views])
-    index: _FitIndex | None = None
-    if not full:
-        on: dict[str, list[int]] = {}
-        for i, view in enumerate(views):
-            for m in view[6]:
-                on.setdefault(m, []).append(i)
-        index = _FitIndex(views, room, on)
+    index = None if full else _FitIndex(views, room)
     priority = {p.name: p for p in config.priority_models}
     models = list(priority)
     others: list[str] = []
@@ -952,16 +946,19 @@ class _FitIndex:
     are judged in full if a step needs them (``_Verdicts``).
     """
 
-    def __init__(self, views: Sequence[_View], room: _Room, loaded: Mapping[str, list[int]]) -> None:
+    def __init__(self, views: Sequence[_View], room: _Room) -> None:
         self._views = views
         self._room = room
-        self.loaded = loaded  # model -> positions of the nodes whose /api/ps shows it, in node order
+        # model -> positions of the nodes whose /api/ps shows it, in node order
+        self._loaded: dict[str, list[int]] = {}
         # pid -> sorted (free, position, slot) of each GPU; pid -> sorted (total, position) of each
         # node with two GPUs or more, for a model that no single GPU can hold.
         self._singles: dict[int, list[tuple[int, int, int]]] = {}
         self._spans: dict[int, list[tuple[int, int]]] = {}
         self._candidates: set[int] = set()
         for position, v in enumerate(views):
+            for m in v[6]:
+                self._loaded.setdefault(m, []).append(position)
             if v[1] and v[10] is None and v[14] is None:  # up, not sick, with known GPUs
                 self._candidates.add(position)
                 entries, span = self._entries(position)
@@ -1008,7 +1005,7 @@ class _FitIndex:
     ) -> _Judged:
         """The residents and the ``keep`` best fits that ``_judge`` would find (not the count)."""
         views = self._views
-        on = self.loaded.get(model, [])
+        on = self._loaded.get(model, [])
         # The nodes where it is loaded (a few), judged as _judge judges every node.
         judged = _judge([views[i] for i in on], model, needs, pm, self._room, backoff, evicted)
         assert judged.fits is not None

@@ -24,13 +24,17 @@ calls as soon as its tags arrive.
 from __future__ import annotations
 
 import _thread
+import collections
+import contextlib
+import heapq
+import itertools
 import logging
 import queue
 import selectors
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
@@ -43,7 +47,7 @@ from typing import Any
 from gpu_router.config import Config, NodeConfig
 from gpu_router.gpus import GpuSource, make_gpu_source
 from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
-from gpu_router.ollama import NodeUnreachable, OllamaClient, OllamaError
+from gpu_router.ollama import PS, TAGS, VERSION, NodeUnreachable, OllamaClient, OllamaError
 from gpu_router.state import (
     ClusterState,
     GpuReading,
@@ -542,32 +546,43 @@ class Observer:
             fresh.append((n, need_tags, need_version))
             calls += 1 + need_tags + need_version
         side_by_side = calls <= SIDE_BY_SIDE_MAX_CALLS
+        threads = calls
         if not side_by_side:
-            calls = len(gpus) - sum(isinstance(g, GpuReading) for g in gpus.values()) + len(fresh)
+            # The polls run on one selector here (Loop); threads for the GPU sources and shows only.
+            threads = calls = len(gpus) - sum(isinstance(g, GpuReading) for g in gpus.values())
         with coarse_switching(calls):
-            self._pool.reserve(calls)
-            # Every node's ps is queued first, its tags and version after: a hung node is found by its
-            # ps, whose timeout runs from when it starts, so a late start is a late answer for the pass.
-            beside: list[tuple[Future[Any], Callable[..., Any], str | None]] = []
-            for n, need_tags, need_version in fresh:
-                tags_f: Future[Any] | None = None
-                version_f: Future[Any] | None = None
-                if side_by_side:
+            self._pool.reserve(threads)
+            loop = None if side_by_side else Loop(self._pool)
+            try:
+                # Every node's ps goes out first, its tags and version after: a hung node is found by
+                # its ps, whose timeout runs from when it starts, so a late start is a late answer.
+                beside: list[tuple[Future[Any], Callable[..., Any], str | None]] = []
+                for n, need_tags, need_version in fresh:
+                    if loop is not None:
+                        steps = self._poll_steps(n, ends, None, None, need_tags, need_version)
+                        polls[n.name] = self._busy[n.name] = loop.add(n.name, self.clients[n.name], steps)
+                        continue
+                    tags_f: Future[Any] | None = None
+                    version_f: Future[Any] | None = None
                     if need_tags:
                         tags_f = Future()
                         beside.append((tags_f, self._tags_and_shows, n.name))
                     if need_version:
                         version_f = Future()
                         beside.append((version_f, self.clients[n.name].version, None))
-                    need_tags = need_version = False
-                polls[n.name] = self._busy[n.name] = self._pool.submit(
-                    self._poll, n, ends, tags_f, version_f, need_tags, need_version
-                )
-            for carrier, fn, arg in beside:
-                self._pool.submit(fn, *(() if arg is None else (arg,)), into=carrier)
-            for n in self.config.nodes:
-                if polls.get(n.name) is not None and n.name not in gpus:
-                    gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
+                    polls[n.name] = self._busy[n.name] = self._pool.submit(
+                        self._poll, n, ends, tags_f, version_f
+                    )
+                for carrier, fn, arg in beside:
+                    self._pool.submit(fn, *(() if arg is None else (arg,)), into=carrier)
+                for n in self.config.nodes:
+                    if polls.get(n.name) is not None and n.name not in gpus:
+                        gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
+                if loop is not None:
+                    loop.run(until, self._mono, cancel, tick)
+            finally:
+                if loop is not None:
+                    loop.close(self._late)
             self._wait([f for f in polls.values() if f is not None], until, cancel, tick)
             # Then, within what is left, the GPU readings of the nodes that answered (a dead node's
             # exporter is no use) and the /api/show calls each node started as soon as its tags came.
@@ -618,14 +633,15 @@ class Observer:
             _, not_done = wait_futures(pending, timeout=min(left, WAIT_SLICE_S))
             pending = list(not_done)
 
+    def _late(self, node: str) -> NodeUnreachable:
+        return NodeUnreachable(node, f"no answer within the observation deadline of {self.deadline_s:g}s")
+
     def _judge(self, node: NodeConfig, future: Future[_Polled], gpu: GpuReading, took_s: float) -> Judged:
         bare = NodeState(node.name, node.url, NodeStatus.UP, gpu=gpu, poll_s=took_s)
         failure: OllamaError | None = None
         polled: _Polled | None = None
         if not future.done():
-            failure = NodeUnreachable(
-                node.name, f"no answer within the observation deadline of {self.deadline_s:g}s"
-            )
+            failure = self._late(node.name)
         elif (exc := future.exception()) is not None:
             failure = exc if isinstance(exc, OllamaError) else OllamaError(node.name, _bug(exc))
         else:
@@ -676,10 +692,26 @@ class Observer:
         tags_here: bool = False,
         version_here: bool = False,
     ) -> _Polled:
+        """:meth:`_poll_steps` in a worker thread, each read made in turn."""
+        steps = self._poll_steps(node, ends, tags_f, version_f, tags_here, version_here)
+        polled: _Polled = _drive(self.clients[node.name], steps)
+        return polled
+
+    def _poll_steps(
+        self,
+        node: NodeConfig,
+        ends: dict[str, float],
+        tags_f: Future[tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]]
+        | None,
+        version_f: Future[str] | None,
+        tags_here: bool = False,
+        version_here: bool = False,
+    ) -> Steps:
         """One node's answers: ps, its tags and version when due, and its shows.
 
-        Tags and version come as futures already asked beside the ps, or (``*_here``, in a large
-        pass) are asked here after it on the same connection.
+        Yields each read it needs (``OllamaClient.get``'s path) and is sent its answer; a read's
+        failure ends the poll. Tags and version come as futures already asked beside the ps, or
+        (``*_here``, in a large pass) are read after it on the same connection.
         """
         timeout = self.config.request_timeout_s
 
@@ -688,8 +720,7 @@ class Observer:
             ends[node.name] = self._mono() + timeout
 
         begins()
-        client = self.clients[node.name]
-        loaded = client.ps()
+        loaded: tuple[LoadedModel, ...] = yield PS
         seen = frozenset((m.name, m.digest) for m in loaded)
         moved = seen != self._ps_seen.get(node.name)
         shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
@@ -697,7 +728,8 @@ class Observer:
         if tags_here or (tags_f is None and moved):
             # Due, or the loaded set moved (the disk may have too).
             begins()
-            found = self._tags_and_shows(node.name)
+            listed: tuple[InstalledModel, ...] = yield TAGS
+            found = listed, self._shows_for(node.name, listed)
         elif tags_f is not None:
             found = tags_f.result()
         if found is not None:
@@ -711,7 +743,7 @@ class Observer:
         self._ps_seen[node.name] = seen
         if version_here:
             begins()
-            self._versions[node.name] = client.version()
+            self._versions[node.name] = yield VERSION
         elif version_f is not None:
             self._versions[node.name] = version_f.result()
         polled = _Polled(loaded, installed, self._versions.get(node.name), shows)
@@ -728,9 +760,14 @@ class Observer:
         The shows keep their own timeout: what they bring is cached for later passes too.
         """
         installed = self.clients[node].tags()
+        return installed, self._shows_for(node, installed)
+
+    def _shows_for(
+        self, node: str, installed: Sequence[InstalledModel]
+    ) -> dict[tuple[str, str], Future[ModelInfo | None]]:
         shows: dict[tuple[str, str], Future[ModelInfo | None]] = {}
         self._ask_shows(node, [(m.name, m.digest) for m in installed], shows)
-        return installed, shows
+        return shows
 
     def _ask_shows(
         self,
@@ -776,71 +813,6 @@ class Observer:
 
     # ------------------------------------------------------------------ watch
 
-    def _ps_all(
-        self,
-        due: Sequence[tuple[str, OllamaClient]],
-        calls_end: float,
-        deadline: float,
-        cancel: Cancel | None,
-        tick: Callable[[], object] | None,
-    ) -> dict[str, Future[tuple[LoadedModel, ...]]]:
-        """``/api/ps`` of many nodes from this thread: one selector instead of a thread per node.
-
-        Every request goes out at once on the node's kept-alive connection, and each answer is read
-        here once it has arrived whole (nothing here waits on one node). A node with no idle
-        connection, an answer arriving in pieces, a connection the node had closed, and whatever is
-        still unanswered at the deadline go to the worker threads, as every call did before: a thread
-        wake-up per node was a third of an idle watch's CPU at 100 nodes.
-        """
-        out: dict[str, Future[tuple[LoadedModel, ...]]] = {}
-        started: dict[str, Pending] = {}
-        for name, client in due:
-            pending = client.start_ps(deadline=calls_end)
-            if pending is None:
-                out[name] = self._pool.submit(partial(client.ps, deadline=calls_end))
-            else:
-                started[name] = pending
-        if not started:
-            return out
-        selector = selectors.DefaultSelector()
-        try:
-            for name, pending in started.items():
-                selector.register(pending, selectors.EVENT_READ, name)
-            while started and self._mono() < deadline and not (cancel is not None and cancel.is_set()):
-                for key, _ in selector.select(min(deadline - self._mono(), WAIT_SLICE_S)):
-                    name = key.data
-                    pending = started.pop(name)
-                    selector.unregister(pending)
-                    client = self.clients[name]
-                    if pending.complete():
-                        out[name] = self._read_ps(client, pending, calls_end)
-                    else:
-                        out[name] = self._pool.submit(self._finish_ps, client, pending, calls_end)
-                if tick is not None:
-                    tick()
-        finally:
-            selector.close()
-        for name, pending in started.items():  # no answer in time: finish (or time out) in the background
-            out[name] = self._pool.submit(self._finish_ps, self.clients[name], pending, calls_end)
-        return out
-
-    def _read_ps(
-        self, client: OllamaClient, pending: Pending, calls_end: float
-    ) -> Future[tuple[LoadedModel, ...]]:
-        try:
-            loaded = client.finish_ps(pending)
-        except StaleConnection:
-            return self._pool.submit(partial(client.ps, deadline=calls_end))  # connects: not in this thread
-        except Exception as exc:  # noqa: BLE001 - the node's failure, read like a worker's
-            return _done(partial(_raise, exc))
-        return _done(lambda: loaded)
-
-    def _finish_ps(self, client: OllamaClient, pending: Pending, calls_end: float) -> tuple[LoadedModel, ...]:
-        try:
-            return client.finish_ps(pending)
-        except StaleConnection:
-            return client.ps(deadline=calls_end)
-
     def watch(
         self, *, cancel: Cancel | None = None, tick: Callable[[], object] | None = None
     ) -> dict[str, tuple[LoadedModel, ...] | OllamaError]:
@@ -849,18 +821,22 @@ class Observer:
         Nodes skipped by their down backoff are left out of the result.
         """
         deadline = self._mono() + self.deadline_s
-        calls_end = time.monotonic() + self.config.request_timeout_s
-        due = [(name, c) for name, c in self.clients.items() if self.health.due(name)]
-        futures = self._ps_all(due, calls_end, deadline, cancel, tick)
-        self._wait(list(futures.values()), deadline, cancel, tick)
+        loop = Loop(self._pool)
+        futures: dict[str, Future[tuple[LoadedModel, ...]]] = {}
+        try:
+            for name, client in self.clients.items():
+                if self.health.due(name):
+                    futures[name] = loop.add(name, client, _ps_only())
+            loop.run(lambda: deadline, self._mono, cancel, tick)
+        finally:
+            loop.close(
+                lambda name: NodeUnreachable(name, f"GET /api/ps: no answer within {self.deadline_s:g}s")
+            )
         out: dict[str, tuple[LoadedModel, ...] | OllamaError] = {}
         urls = {n.name: n.url for n in self.config.nodes}
         for name, fut in futures.items():
-            if not fut.done():
-                result: tuple[LoadedModel, ...] | OllamaError = NodeUnreachable(
-                    name, f"GET /api/ps: no answer within {self.deadline_s:g}s"
-                )
-            elif (exc := fut.exception()) is not None:
+            result: tuple[LoadedModel, ...] | OllamaError
+            if (exc := fut.exception()) is not None:
                 result = exc if isinstance(exc, OllamaError) else OllamaError(name, _bug(exc))
             else:
                 result = fut.result()
@@ -874,23 +850,204 @@ class Observer:
         return out
 
 
-def _done(fn: Callable[[], Any]) -> Future[Any]:
-    """A future already holding what ``fn()`` returned or raised."""
-    future: Future[Any] = Future()
+Steps = Generator[str, Any, Any]
+
+
+def _drive(client: OllamaClient, steps: Steps) -> Any:
+    """Run a poll's reads one after another in this thread; what the poll returns (or raises)."""
+    path = next(steps)
+    while True:
+        try:
+            path = steps.send(client.get(path))
+        except StopIteration as stop:
+            return stop.value
+
+
+class _Run:
+    """One node's poll in a :class:`Loop`: its reads, the one under way, where its result goes."""
+
+    __slots__ = ("client", "future", "name", "path", "pending", "steps")
+
+    def __init__(self, name: str, client: OllamaClient, steps: Steps, future: Future[Any]) -> None:
+        self.name = name
+        self.client = client
+        self.steps = steps
+        self.future = future
+        self.path = ""
+        self.pending: Pending | None = None
+
+
+class Loop:
+    """Many nodes' polls driven from one thread: each read goes out at once, on the node's kept-alive
+    connection or a new one connecting without waiting, and its answer is read here once it has
+    arrived whole.
+
+    Hundreds of threads each blocked on one node cost a 2-core machine more than the answers do:
+    starting them, and handing the interpreter's lock around while they parse. Here a hung node
+    costs a registered socket until its read's deadline, and every read of a pass starts within
+    milliseconds of the first. What cannot be read without waiting goes to a worker thread and comes
+    back when done: a connection that needs TLS or a name lookup, an answer arriving in pieces, a
+    kept-alive connection the node had closed.
+    """
+
+    def __init__(self, pool: Workers) -> None:
+        import socket
+
+        self._pool = pool
+        self._selector = selectors.DefaultSelector()
+        self._runs: dict[str, _Run] = {}
+        self._dues: list[tuple[float, int, _Run, Pending]] = []
+        self._order = itertools.count()
+        # Workers hand their results back through this, and wake the selector with a byte.
+        self._back: collections.deque[tuple[_Run, Future[Any]]] = collections.deque()
+        self._wake_in, self._wake_out = socket.socketpair()
+        for end in (self._wake_in, self._wake_out):
+            end.setblocking(False)
+        self._selector.register(self._wake_in, selectors.EVENT_READ, None)
+
+    def add(self, name: str, client: OllamaClient, steps: Steps) -> Future[Any]:
+        """Start a node's poll; the future gets what it returns or raises."""
+        run = self._runs[name] = _Run(name, client, steps, Future())
+        self._advance(run, None)
+        return run.future
+
+    def run(
+        self,
+        until: Callable[[], float],
+        mono: Callable[[], float],
+        cancel: Cancel | None,
+        tick: Callable[[], object] | None,
+    ) -> None:
+        """Drive the polls until all are done, ``until()`` (by ``mono``) has passed, or cancel."""
+        while self._runs:
+            if tick is not None:
+                tick()
+            left = until() - mono()
+            if left <= 0 or (cancel is not None and cancel.is_set()):
+                break
+            self._expire()
+            if self._dues:
+                left = min(left, self._dues[0][0] - time.monotonic())
+            for key, _ in self._selector.select(max(0.0, min(left, WAIT_SLICE_S))):
+                if key.data is None:
+                    with contextlib.suppress(OSError):
+                        self._wake_in.recv(4096)
+                else:
+                    self._ready(key.data, key.fileobj)  # type: ignore[arg-type]
+            while self._back:
+                run, done = self._back.popleft()
+                if run.future.done():
+                    continue
+                exc = done.exception()
+                if exc is None:
+                    self._advance(run, done.result())
+                else:
+                    self._end(run, exc)
+
+    def close(self, why: Callable[[str], Exception]) -> None:
+        """End the polls still running, each with ``why(name)``, and release the selector."""
+        for run in list(self._runs.values()):
+            if run.pending is not None:
+                self._selector.unregister(run.pending)
+                run.pending.abandon()
+            self._end(run, why(run.name))
+        self._selector.close()
+        self._wake_in.close()
+        self._wake_out.close()
+
+    # -- one read at a time per node ----------------------------------------------------------------
+
+    def _advance(self, run: _Run, answer: Any) -> None:
+        try:
+            run.path = run.steps.send(answer)
+        except StopIteration as stop:
+            del self._runs[run.name]
+            run.future.set_result(stop.value)
+            return
+        except Exception as exc:  # noqa: BLE001 - the poll's own failure, for whoever reads the future
+            self._end(run, exc)
+            return
+        pending = run.client.start_get(run.path, connect=True)
+        if pending is None:
+            self._hand(run, partial(run.client.get, run.path))
+            return
+        run.pending = pending
+        self._selector.register(pending, pending.events, run)
+        heapq.heappush(self._dues, (pending.due, next(self._order), run, pending))
+
+    def _ready(self, run: _Run, pending: Pending) -> None:
+        if pending.connecting:
+            pending.connected()
+            if not pending.complete():
+                self._selector.modify(pending, pending.events, run)
+                return
+        elif not pending.complete():
+            # Part of an answer: a worker reads the rest, where waiting is fine.
+            self._selector.unregister(pending)
+            self._hand(run, partial(_finish, run.client, run.path, pending))
+            return
+        self._selector.unregister(pending)
+        self._take(run, pending)
+
+    def _expire(self) -> None:
+        """Finish the reads past their deadline: they time out without waiting."""
+        now = time.monotonic()
+        while self._dues and self._dues[0][0] <= now:
+            _, _, run, pending = heapq.heappop(self._dues)
+            if run.pending is not pending:
+                continue  # answered already
+            if pending.due > now:  # connected since: its request's own deadline now
+                heapq.heappush(self._dues, (pending.due, next(self._order), run, pending))
+                continue
+            self._selector.unregister(pending)
+            self._take(run, pending)
+
+    def _take(self, run: _Run, pending: Pending) -> None:
+        run.pending = None
+        try:
+            answer = run.client.finish_get(run.path, pending)
+        except StaleConnection:
+            self._hand(run, partial(run.client.get, run.path))  # connects: not in this thread
+            return
+        except Exception as exc:  # noqa: BLE001 - the node's failure, read like a worker's
+            self._end(run, exc)
+            return
+        self._advance(run, answer)
+
+    def _hand(self, run: _Run, call: Callable[[], Any]) -> None:
+        run.pending = None
+        self._pool.submit(call).add_done_callback(partial(self._handed_back, run))
+
+    def _handed_back(self, run: _Run, done: Future[Any]) -> None:
+        # In the worker's thread.
+        self._back.append((run, done))
+        with contextlib.suppress(OSError):  # full: the loop is awake anyway; closed: it is over
+            self._wake_out.send(b"\0")
+
+    def _end(self, run: _Run, exc: BaseException) -> None:
+        self._runs.pop(run.name, None)
+        run.steps.close()
+        if not run.future.done():
+            run.future.set_exception(exc)
+
+
+def _ps_only() -> Steps:
+    """The watch's poll: the node's ps alone."""
+    loaded: tuple[LoadedModel, ...] = yield PS
+    return loaded
+
+
+def _finish(client: OllamaClient, path: str, pending: Pending) -> Any:
+    """Read a started call's answer where waiting is fine; a stale connection is asked again."""
     try:
-        future.set_result(fn())
-    except Exception as exc:  # noqa: BLE001 - handed to whoever reads the future, as a worker would
-        future.set_exception(exc)
-    return future
+        return client.finish_get(path, pending)
+    except StaleConnection:
+        return client.get(path)
 
 
 def _no_io(source: GpuSource) -> bool:
     """A source that answers from the config: read in the pass itself, no thread needed."""
     return isinstance(source, (StaticSource, NoGpuSource, UnknownSource))
-
-
-def _raise(exc: BaseException) -> Any:
-    raise exc
 
 
 def _bug(exc: BaseException) -> str:

@@ -43,6 +43,10 @@ T = TypeVar("T")
 # A connect to a live host on a LAN takes milliseconds; a long connect timeout only delays the
 # verdict "down" for a host that is gone.
 CONNECT_TIMEOUT_CAP_S = 3.0
+# The reads a poll makes (OllamaClient.get); the watch asks only the first.
+PS = "/api/ps"
+TAGS = "/api/tags"
+VERSION = "/api/version"
 MAX_VERSION_CHARS = 64
 # A /api/pull status line is under 300 bytes; an error line quotes a path or a registry message.
 PULL_MAX_LINE_BYTES = 64 * 1024
@@ -506,7 +510,52 @@ class OllamaClient:
 
     def version(self, *, deadline: float | None = None) -> str:
         """``GET /api/version``."""
-        body = self._call("GET", "/api/version", deadline=deadline)
+        return self._read_version(self._call("GET", VERSION, deadline=deadline))
+
+    def ps(self, *, deadline: float | None = None) -> tuple[LoadedModel, ...]:
+        """``GET /api/ps``: the models loaded now."""
+        return self._read_ps(self._call("GET", PS, deadline=deadline))
+
+    def tags(self, *, deadline: float | None = None) -> tuple[InstalledModel, ...]:
+        """``GET /api/tags``: the models on the node's disk."""
+        return self._read_tags(self._call("GET", TAGS, deadline=deadline))
+
+    def get(self, path: str, *, deadline: float | None = None) -> Any:
+        """One of the polled reads (``PS``, ``TAGS``, ``VERSION``), parsed as its method returns it."""
+        return self._read(path, self._call("GET", path, deadline=deadline))
+
+    def start_get(self, path: str, *, deadline: float | None = None, connect: bool = False) -> Pending | None:
+        """Send a polled read without waiting for its answer; None when :meth:`get` must be used.
+
+        On an idle kept-alive connection, or with ``connect`` on a new one (``HttpClient.start``):
+        a pass over many nodes polls them all from one thread this way (see ``observe``).
+        """
+        return self._http.start("GET", path, deadline=deadline, connect=connect)
+
+    def finish_get(self, path: str, pending: Pending) -> Any:
+        """The answer to :meth:`start_get`, as :meth:`get` returns it (``StaleConnection``: ask again)."""
+        try:
+            resp = pending.finish()
+        except TransportError as exc:
+            raise self._failed("GET", path, exc) from None
+        return self._read(path, self._json("GET", path, resp))
+
+    def _read(self, path: str, body: Any) -> Any:
+        if path == PS:
+            return self._read_ps(body)
+        if path == TAGS:
+            return self._read_tags(body)
+        if path == VERSION:
+            return self._read_version(body)
+        raise ValueError(f"not a polled read: {path}")
+
+    def _read_ps(self, body: Any) -> tuple[LoadedModel, ...]:
+        return self._parse(PS, lambda: parse_ps(body, self.name))
+
+    def _read_tags(self, body: Any) -> tuple[InstalledModel, ...]:
+        return self._parse(TAGS, lambda: parse_tags(body, self.name))
+
+    def _read_version(self, body: Any) -> str:
         if not isinstance(body, dict) or not isinstance(body.get("version"), str):
             raise BadResponse(self.name, "/api/version: no 'version' string")
         version = str(body["version"])
@@ -514,32 +563,6 @@ class OllamaClient:
             # it goes into the report and the logs; Ollama's are like "0.12.6" or "0.13.0-rc1"
             raise BadResponse(self.name, f"/api/version: a version string of {len(version)} characters")
         return version
-
-    def ps(self, *, deadline: float | None = None) -> tuple[LoadedModel, ...]:
-        """``GET /api/ps``: the models loaded now."""
-        body = self._call("GET", "/api/ps", deadline=deadline)
-        return self._parse("/api/ps", lambda: parse_ps(body, self.name))
-
-    def start_ps(self, *, deadline: float | None = None) -> Pending | None:
-        """Send ``GET /api/ps`` on an idle kept-alive connection; None when :meth:`ps` must be used.
-
-        The watch polls every node from one thread this way (see ``Observer.watch``).
-        """
-        return self._http.start("GET", "/api/ps", deadline=deadline)
-
-    def finish_ps(self, pending: Pending) -> tuple[LoadedModel, ...]:
-        """The answer to :meth:`start_ps`, as :meth:`ps` returns it (``StaleConnection``: ask again)."""
-        try:
-            resp = pending.finish()
-        except TransportError as exc:
-            raise self._failed("GET", "/api/ps", exc) from None
-        body = self._json("GET", "/api/ps", resp)
-        return self._parse("/api/ps", lambda: parse_ps(body, self.name))
-
-    def tags(self, *, deadline: float | None = None) -> tuple[InstalledModel, ...]:
-        """``GET /api/tags``: the models on the node's disk."""
-        body = self._call("GET", "/api/tags", deadline=deadline)
-        return self._parse("/api/tags", lambda: parse_tags(body, self.name))
 
     def show(self, model: str) -> ModelInfo:
         """``POST /api/show``: metadata and capabilities of one model."""

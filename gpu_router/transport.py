@@ -324,14 +324,26 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n")
 
 
 class Pending:
-    """A request sent on a kept-alive connection whose response is read later (see HttpClient.start).
+    """A request whose response is read later (see HttpClient.start), on a kept-alive connection or
+    on one still connecting.
 
-    Many of these wait together on one selector (``fileno``); :meth:`complete` says, without
-    reading anything, that a response has arrived in full, so :meth:`finish` will not wait for it.
+    Many of these wait together on one selector (``fileno``, for ``events``). While ``connecting``,
+    call :meth:`connected` once the socket is writable: it sends the request. :meth:`complete` says,
+    without reading anything, that a response has arrived in full, so :meth:`finish` will not wait
+    for it. Past ``due`` (the connect's own deadline while connecting, else the request's),
+    :meth:`finish` says the call timed out, without waiting.
     """
 
     def __init__(
-        self, client: HttpClient, conn: _Conn, method: str, path: str, deadline: float, timeout: float
+        self,
+        client: HttpClient,
+        conn: _Conn,
+        method: str,
+        path: str,
+        deadline: float,
+        timeout: float,
+        *,
+        connect: _Connecting | None = None,
     ) -> None:
         self._client = client
         self._conn = conn
@@ -339,10 +351,60 @@ class Pending:
         self.path = path
         self.deadline = deadline
         self._timeout = timeout
+        self._connect = connect
+        self._reused = connect is None  # only a connection that served before can turn out stale
+        self._failure: TransportError | None = None
 
     def fileno(self) -> int:
         """The connection's socket, for a selector."""
         return self._conn.sock.fileno()
+
+    @property
+    def connecting(self) -> bool:
+        """The connection is not up yet: wait for the socket to be writable, then :meth:`connected`."""
+        return self._connect is not None and self._failure is None
+
+    @property
+    def events(self) -> int:
+        """What to wait for on a selector: writable while connecting, else readable."""
+        import selectors
+
+        return selectors.EVENT_WRITE if self.connecting else selectors.EVENT_READ
+
+    @property
+    def due(self) -> float:
+        """When :meth:`finish` must be called even with no event: the call has timed out by then."""
+        return self._connect.by if self._connect is not None else self.deadline
+
+    def abandon(self) -> None:
+        """Give up on the answer: close the connection (it can carry nothing else now)."""
+        self._conn.close()
+
+    def connected(self) -> None:
+        """The socket became writable while connecting: send the request (never waits long).
+
+        A failed connect is kept and raised by :meth:`finish` (which :meth:`complete` then allows).
+        """
+        attempt = self._connect
+        if attempt is None:
+            return
+        client = self._client
+        net = client._socket
+        sock = self._conn.sock
+        err = sock.getsockopt(net.SOL_SOCKET, net.SO_ERROR)
+        if err:
+            import os
+
+            self._failure = client._classify(
+                OSError(err, os.strerror(err)), "connecting", attempt.cap_s, attempt.where
+            )
+            return
+        self._connect = None
+        try:
+            sock.setsockopt(net.IPPROTO_TCP, net.TCP_NODELAY, 1)
+            client._send(self._conn, attempt.request, self.deadline)
+        except (OSError, _Expired) as exc:
+            self._failure = client._classify(exc, "sending the request", self._timeout)
 
     def complete(self) -> bool:
         """The whole response is here (or the connection ended): :meth:`finish` reads without waiting.
@@ -350,6 +412,10 @@ class Pending:
         A peek, so nothing is consumed: a response framed by Content-Length or chunked encoding
         that fits the peek is recognised; anything else says False (read it where waiting is fine).
         """
+        if self._failure is not None:
+            return True
+        if self._connect is not None:
+            return False
         sock = self._conn.sock
         try:
             sock.settimeout(0)
@@ -375,6 +441,12 @@ class Pending:
         Raises :class:`StaleConnection` when the server had closed the connection before answering:
         nothing was processed there, so asking again (on a new connection) is safe.
         """
+        if self._failure is not None or self._connect is not None:
+            self._conn.close()
+            if self._failure is not None:
+                raise self._failure
+            assert self._connect is not None
+            raise TimedOut("connecting", self._connect.cap_s)
         try:
             return self._client._exchange(
                 self._conn,
@@ -384,12 +456,24 @@ class Pending:
                 self.deadline,
                 self._timeout,
                 self._client.max_body_bytes,
-                True,
+                self._reused,
                 sent=True,
             )
         except _Stale:
             self._conn.close()
             raise StaleConnection() from None
+
+
+class _Connecting:
+    """A non-blocking connect under way: the request it will send, and when it gives up."""
+
+    __slots__ = ("by", "cap_s", "request", "where")
+
+    def __init__(self, request: bytes, by: float, cap_s: float, where: str) -> None:
+        self.request = request
+        self.by = by
+        self.cap_s = cap_s
+        self.where = where
 
 
 def _msg_peek() -> int:
@@ -685,27 +769,60 @@ class HttpClient:
                 log.debug("%s: kept-alive connection was closed by the server; reconnecting", self.host)
                 conn = None
 
-    def start(self, method: str, path: str, *, deadline: float | None = None) -> Pending | None:
+    def start(
+        self, method: str, path: str, *, deadline: float | None = None, connect: bool = False
+    ) -> Pending | None:
         """Send a GET or HEAD on an idle kept-alive connection and return without reading the answer.
 
-        For polling many nodes from one thread (``Pending.fileno`` on a selector). None when there is
-        no idle plain-HTTP connection to send it on, or sending failed: use :meth:`request` instead
-        (it connects, within its deadline, where this must not wait).
+        For polling many nodes from one thread (``Pending.fileno`` on a selector). With ``connect``,
+        and no idle connection, a new one is opened without waiting (plain HTTP to an IP literal
+        only) and the request goes out once it is up (``Pending.connected``). None when that cannot
+        be done, or sending failed: use :meth:`request` instead (it connects, within its deadline,
+        where this must not wait; it also says why a refused connect failed).
         """
         if method not in _RETRYABLE or self._ssl is not None:
             return None  # TLS keeps bytes of its own buffered: a selector cannot see them
-        conn = self._checkout()
-        if conn is None:
-            return None
         timeout = self.timeout_s
         ends = time.monotonic() + timeout
         deadline = ends if deadline is None else min(ends, deadline)
+        conn = self._checkout()
+        if conn is None:
+            return self._start_connect(method, path, deadline, timeout) if connect else None
         try:
             self._send(conn, self._build(method, path, None), deadline)
         except (OSError, _Expired):
             conn.close()
             return None
         return Pending(self, conn, method, path, deadline, timeout)
+
+    def _start_connect(self, method: str, path: str, deadline: float, timeout: float) -> Pending | None:
+        # One numeric address, as request() would try first; a host name waits on the resolver and
+        # a proxy's CONNECT on an answer, so both go the blocking way.
+        if self._ssl_problem or len(self._numeric) != 1 or self._closed:
+            return None
+        if self._proxy is not None and (self._proxy.unsupported or self.scheme == "https"):
+            return None
+        import errno
+
+        family, socktype, proto, _, sockaddr = self._numeric[0]
+        sock = self._socket.socket(family, socktype, proto)
+        try:
+            sock.setblocking(False)
+            err = sock.connect_ex(sockaddr)
+        except OSError:
+            sock.close()
+            return None
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()  # refused at once, unreachable: request() meets it again and says which
+            return None
+        where = f"proxy {self._proxy.display}: " if self._proxy else ""
+        attempt = _Connecting(
+            self._build(method, path, None),
+            min(deadline, time.monotonic() + self.connect_timeout_s),
+            min(timeout, self.connect_timeout_s),
+            where,
+        )
+        return Pending(self, _Conn(sock), method, path, deadline, timeout, connect=attempt)
 
     def stream_lines(
         self,

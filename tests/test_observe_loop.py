@@ -1,0 +1,210 @@
+"""A large pass polls every node from one thread (observe.Loop), on connections opened without waiting."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from daemon_helpers import MakeNode
+from rawserver import RawServer, response, serve_requests
+from test_request_counts import api_requests, write_static_config
+
+from gpu_router import observe
+from gpu_router.config import load_config
+from gpu_router.emulator import EmulatedNode, Fault
+from gpu_router.observe import Observer, observe_once
+from gpu_router.state import NodeStatus
+from gpu_router.transport import HttpClient, ProxyConfig, TimedOut
+
+LLAMA32 = "llama3.2:latest"
+T = 10.0
+
+
+@pytest.fixture(autouse=True)
+def every_pass_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(observe, "SIDE_BY_SIDE_MAX_CALLS", 0)
+
+
+def wait_writable(sock_owner: object) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock_owner, selectors.EVENT_WRITE)  # type: ignore[arg-type]
+        assert sel.select(T), "the connect did not complete"
+
+
+# -------------------------------------------------------------------------------- transport
+
+
+def test_start_can_open_a_connection_without_waiting_and_keeps_it_for_the_next_call() -> None:
+    server = RawServer(serve_requests(lambda req: response(200, json.dumps({"path": req.target}).encode())))
+    client = HttpClient(server.url, timeout_s=T, proxies=ProxyConfig())
+    try:
+        assert client.start("GET", "/api/ps") is None  # without connect: an idle connection or nothing
+        pending = client.start("GET", "/api/ps", connect=True)
+        assert pending is not None
+        assert pending.connecting
+        assert pending.events == selectors.EVENT_WRITE
+        assert pending.due <= time.monotonic() + client.connect_timeout_s
+        assert not pending.complete()
+        wait_writable(pending)
+        pending.connected()
+        assert not pending.connecting
+        assert pending.events == selectors.EVENT_READ
+        deadline = time.monotonic() + T
+        while not pending.complete():
+            assert time.monotonic() < deadline, "no answer"
+            time.sleep(0.01)
+        assert json.loads(pending.finish().body) == {"path": "/api/ps"}
+        again = client.start("GET", "/api/tags")  # the new connection went back to the pool
+        assert again is not None
+        assert not again.connecting
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_connect_refused_at_once_goes_the_blocking_way_which_says_so() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        client = HttpClient(f"http://127.0.0.1:{port}", timeout_s=T, proxies=ProxyConfig())
+        pending = client.start("GET", "/api/ps", connect=True)
+        if pending is not None:  # refused after EINPROGRESS: the reason comes from finish()
+            wait_writable(pending)
+            pending.connected()
+            assert pending.complete()
+            with pytest.raises(Exception, match="connection refused"):
+                pending.finish()
+        with pytest.raises(Exception, match="connection refused"):
+            client.request("GET", "/api/ps")
+
+
+def test_a_connect_past_its_deadline_times_out_connecting() -> None:
+    # A listener whose accept queue is full drops further SYNs: the connect hangs.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        client = HttpClient(
+            f"http://127.0.0.1:{port}", timeout_s=5, connect_timeout_s=0.3, proxies=ProxyConfig()
+        )
+        try:
+            pending = None
+            for _ in range(8):  # fill the queue until a connect stays pending
+                candidate = client.start("GET", "/api/ps", connect=True)
+                assert candidate is not None
+                with selectors.DefaultSelector() as sel:
+                    sel.register(candidate, selectors.EVENT_WRITE)
+                    if not sel.select(0.5):
+                        pending = candidate
+                        break
+                fillers.append(candidate)
+            if pending is None:
+                pytest.skip("this kernel accepted every connect (no SYN drop on a full queue)")
+            assert pending.connecting
+            time.sleep(max(0.0, pending.due - time.monotonic()) + 0.01)
+            with pytest.raises(TimedOut, match=r"timed out after 0\.3s connecting"):
+                pending.finish()
+        finally:
+            for f in fillers:
+                f.abandon()
+            client.close()
+
+
+# -------------------------------------------------------------------------------- the observer
+
+
+def config_for(tmp_path: Path, nodes: list[EmulatedNode], **settings: object) -> Path:
+    return write_static_config(tmp_path / "config.yaml", nodes, [LLAMA32], tmp_path / "state", **settings)
+
+
+def test_a_large_pass_polls_every_node_from_one_thread(make_node: MakeNode, tmp_path: Path) -> None:
+    nodes = [make_node(f"n{i}", (8192,), (LLAMA32,)) for i in range(12)]
+    for n in nodes:
+        n.load(LLAMA32, keep_alive=-1)
+    observer = Observer(load_config(config_for(tmp_path, nodes)))
+    try:
+        state = observer.observe()
+        assert [n.status for n in state.nodes] == [NodeStatus.UP] * 12
+        assert all(
+            n.version == nodes[0].version and [m.name for m in n.loaded] == [LLAMA32] for n in state.nodes
+        )
+        # Static GPUs and cached shows aside, only the shows needed threads (one per digest).
+        assert observer._pool.threads <= 2
+        for n in nodes:
+            assert api_requests(n)[:3] == ["/api/ps", "/api/tags", "/api/version"]
+        # ps, tags and version one after another on one connection; the one show (one digest for
+        # the whole cluster) goes out from a worker while a version is read, on a second.
+        opened = [n.connections_accepted for n in nodes]
+        assert sum(opened) <= len(nodes) + 1
+        again = observer.observe()
+        assert [n.status for n in again.nodes] == [NodeStatus.UP] * 12
+        assert [n.connections_accepted for n in nodes] == opened  # the next pass reuses them
+    finally:
+        observer.close()
+
+
+def test_a_large_pass_gives_each_broken_node_its_due(make_node: MakeNode, tmp_path: Path) -> None:
+    names = ("ok", "hung", "refused", "http500", "garbage", "drip", "restarted", "by-name")
+    nodes = {name: make_node(name, (8192,), (LLAMA32,)) for name in names}
+    for n in nodes.values():
+        n.load(LLAMA32, keep_alive=-1)
+    path = config_for(tmp_path, list(nodes.values()), request_timeout="2s")
+    data = yaml.safe_load(path.read_text())
+    for entry in data["nodes"]:
+        if entry["url"] == nodes["by-name"].url:
+            # A host name is looked up in a worker thread (name resolution cannot be interrupted).
+            entry["url"] = entry["url"].replace("127.0.0.1", "localhost")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    observer = Observer(load_config(path))
+    try:
+        first = {n.name: n for n in observer.observe().nodes}
+        assert all(n.status is NodeStatus.UP for n in first.values()), {k: n.error for k, n in first.items()}
+        nodes["hung"].set_fault(Fault.HANG, paths=("/api/ps",))
+        nodes["refused"].stop()
+        nodes["http500"].set_fault(Fault.HTTP500, paths=("/api/ps",))
+        nodes["garbage"].set_fault(Fault.GARBAGE, paths=("/api/ps",))
+        nodes["drip"].set_fault(Fault.DRIP, rate_bps=4000, paths=("/api/ps",))
+        nodes["restarted"].restart()
+        began = time.monotonic()
+        seen = {n.name: n for n in observer.observe().nodes}
+        took = time.monotonic() - began
+        assert took < 2 + observe.DEADLINE_SLACK_S + 2  # one timeout for the hung node, not more
+        for name in ("ok", "drip", "by-name"):
+            assert seen[name].status is NodeStatus.UP, (name, seen[name].error)
+            assert [m.name for m in seen[name].loaded] == [LLAMA32]
+        assert seen["restarted"].status is NodeStatus.UP, seen["restarted"].error
+        assert seen["restarted"].loaded == ()  # a restart unloads
+        errors = {name: seen[name].error or "" for name in ("hung", "refused", "http500", "garbage")}
+        assert errors["hung"].startswith("GET /api/ps: timed out after 2s waiting for the response headers")
+        assert errors["refused"].startswith("GET /api/ps: connection refused")
+        assert errors["http500"].startswith("HTTP 500: GET /api/ps: internal server error")
+        assert errors["garbage"].startswith("GET /api/ps: invalid JSON")
+        for name in ("hung", "refused", "http500", "garbage"):
+            assert seen[name].status is not NodeStatus.UP, name
+    finally:
+        observer.close()
+
+
+def test_a_one_shot_report_of_a_large_cluster_reads_the_same_as_threads(
+    make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = [make_node(f"n{i}", (8192,), (LLAMA32, "all-minilm")) for i in range(4)]
+    nodes[0].load(LLAMA32, keep_alive=-1)
+    config = load_config(config_for(tmp_path, nodes))
+    looped = observe_once(config).nodes
+    monkeypatch.setattr(observe, "SIDE_BY_SIDE_MAX_CALLS", 10_000)
+    threaded = observe_once(config).nodes
+
+    def facts(states: tuple[object, ...]) -> list[tuple[object, ...]]:
+        return [
+            (s.name, s.status, s.version, s.loaded, s.installed, sorted(s.info))  # type: ignore[attr-defined]
+            for s in states
+        ]
+
+    assert facts(looped) == facts(threaded)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu_router.config import Config, NodeConfig
 from gpu_router.gpus import GpuSource, make_gpu_source
@@ -61,6 +61,9 @@ from gpu_router.state import (
 from gpu_router.store import InfoCache
 from gpu_router.transport import Pending, StaleConnection
 from gpu_router.wakeup import Cancel
+
+if TYPE_CHECKING:
+    from gpu_router.gpus.exporter import ExporterSource
 
 log = logging.getLogger(__name__)
 
@@ -546,21 +549,22 @@ class Observer:
             fresh.append((n, need_tags, need_version))
             calls += 1 + need_tags + need_version
         side_by_side = calls <= SIDE_BY_SIDE_MAX_CALLS
-        threads = calls
-        if not side_by_side:
-            # The polls run on one selector here (Loop); threads for the GPU sources and shows only.
-            threads = calls = len(gpus) - sum(isinstance(g, GpuReading) for g in gpus.values())
+        # A large pass runs its polls and exporter scrapes on one selector (Loop); threads only for
+        # the other GPU sources, the shows, and whatever the loop hands on.
+        loop = None if side_by_side else Loop(self._pool)
         with coarse_switching(calls):
-            self._pool.reserve(threads)
-            loop = None if side_by_side else Loop(self._pool)
             try:
+                if loop is None:
+                    self._pool.reserve(calls)
                 # Every node's ps goes out first, its tags and version after: a hung node is found by
                 # its ps, whose timeout runs from when it starts, so a late start is a late answer.
                 beside: list[tuple[Future[Any], Callable[..., Any], str | None]] = []
                 for n, need_tags, need_version in fresh:
                     if loop is not None:
                         steps = self._poll_steps(n, ends, None, None, need_tags, need_version)
-                        polls[n.name] = self._busy[n.name] = loop.add(n.name, self.clients[n.name], steps)
+                        polls[n.name] = self._busy[n.name] = loop.add(
+                            n.name, self.clients[n.name], steps, late=self._late
+                        )
                         continue
                     tags_f: Future[Any] | None = None
                     version_f: Future[Any] | None = None
@@ -577,25 +581,32 @@ class Observer:
                     self._pool.submit(fn, *(() if arg is None else (arg,)), into=carrier)
                 for n in self.config.nodes:
                     if polls.get(n.name) is not None and n.name not in gpus:
-                        gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
+                        scrape = _Scrape.of(n.name, self.gpu_sources[n.name]) if loop is not None else None
+                        if loop is not None and scrape is not None:
+                            gpus[n.name] = loop.add(n.name, scrape, _one("/metrics"))
+                        else:
+                            gpus[n.name] = self._pool.submit(self._read_gpu, n.name)
+                waited = [f for f in polls.values() if f is not None]
                 if loop is not None:
-                    loop.run(until, self._mono, cancel, tick)
+                    loop.run(waited, until, self._mono, cancel, tick)
+                self._wait(waited, until, cancel, tick)
+                # Then, within what is left, the GPU readings of the nodes that answered (a dead node's
+                # exporter is no use) and the /api/show calls each node started as soon as its tags came.
+                answered = [
+                    name for name, p in polls.items() if p is not None and p.done() and p.exception() is None
+                ]
+                rest: list[Future[Any]] = [f for name in answered if isinstance(f := gpus[name], Future)]
+                for name in answered:
+                    p = polls[name]
+                    assert p is not None
+                    rest.extend(p.result().shows.values())
+                if loop is not None:
+                    loop.run(rest, until, self._mono, cancel, tick)
+                if rest:
+                    self._wait(rest, until, cancel, tick)
             finally:
                 if loop is not None:
-                    loop.close(self._late)
-            self._wait([f for f in polls.values() if f is not None], until, cancel, tick)
-            # Then, within what is left, the GPU readings of the nodes that answered (a dead node's
-            # exporter is no use) and the /api/show calls each node started as soon as its tags came.
-            answered = [
-                name for name, p in polls.items() if p is not None and p.done() and p.exception() is None
-            ]
-            rest: list[Future[Any]] = [f for name in answered if isinstance(f := gpus[name], Future)]
-            for name in answered:
-                p = polls[name]
-                assert p is not None
-                rest.extend(p.result().shows.values())
-            if rest:
-                self._wait(rest, until, cancel, tick)
+                    loop.close()
         nodes = []
         for n in self.config.nodes:
             future, gpu_future = polls[n.name], gpus[n.name]
@@ -797,11 +808,7 @@ class Observer:
         return info
 
     def _read_gpu(self, name: str) -> GpuReading:
-        try:
-            return self.gpu_sources[name].read()
-        except Exception as exc:  # noqa: BLE001 - a source bug must not take the node down with it
-            log.warning("node %s: GPU source failed: %s", name, exc)
-            return GpuReading(VramSource.UNKNOWN, (), error=f"GPU source failed: {exc}")
+        return _reading(name, self.gpu_sources[name].read)
 
     def _gpu_result(self, future: Future[GpuReading], *, waited: bool) -> GpuReading:
         if not future.done():
@@ -823,15 +830,17 @@ class Observer:
         deadline = self._mono() + self.deadline_s
         loop = Loop(self._pool)
         futures: dict[str, Future[tuple[LoadedModel, ...]]] = {}
+
+        def late(name: str) -> NodeUnreachable:
+            return NodeUnreachable(name, f"GET /api/ps: no answer within {self.deadline_s:g}s")
+
         try:
             for name, client in self.clients.items():
                 if self.health.due(name):
-                    futures[name] = loop.add(name, client, _ps_only())
-            loop.run(lambda: deadline, self._mono, cancel, tick)
+                    futures[name] = loop.add(name, client, _one(PS), late=late)
+            loop.run(list(futures.values()), lambda: deadline, self._mono, cancel, tick)
         finally:
-            loop.close(
-                lambda name: NodeUnreachable(name, f"GET /api/ps: no answer within {self.deadline_s:g}s")
-            )
+            loop.close()
         out: dict[str, tuple[LoadedModel, ...] | OllamaError] = {}
         urls = {n.name: n.url for n in self.config.nodes}
         for name, fut in futures.items():
@@ -853,7 +862,17 @@ class Observer:
 Steps = Generator[str, Any, Any]
 
 
-def _drive(client: OllamaClient, steps: Steps) -> Any:
+class Reads(Protocol):
+    """What a :class:`Loop` polls: an :class:`OllamaClient`, or a GPU exporter (:class:`_Scrape`)."""
+
+    def get(self, path: str) -> Any: ...
+
+    def start_get(self, path: str, *, connect: bool = False) -> Pending | None: ...
+
+    def finish_get(self, path: str, pending: Pending) -> Any: ...
+
+
+def _drive(client: Reads, steps: Steps) -> Any:
     """Run a poll's reads one after another in this thread; what the poll returns (or raises)."""
     path = next(steps)
     while True:
@@ -863,24 +882,67 @@ def _drive(client: OllamaClient, steps: Steps) -> Any:
             return stop.value
 
 
+def _one(path: str) -> Steps:
+    """A poll of one read: the watch's ps, an exporter's scrape."""
+    answer = yield path
+    return answer
+
+
+class _Scrape:
+    """A GPU exporter as :class:`Reads`: its one read is the scrape, its answer a GpuReading."""
+
+    def __init__(self, node: str, source: ExporterSource) -> None:
+        self.node = node
+        self.source = source
+
+    @staticmethod
+    def of(node: str, source: GpuSource) -> _Scrape | None:
+        """The node's source as a scrape, when it is an exporter (other kinds read in a worker)."""
+        from gpu_router.gpus.exporter import ExporterSource
+
+        return _Scrape(node, source) if isinstance(source, ExporterSource) else None
+
+    def get(self, path: str) -> GpuReading:
+        return _reading(self.node, self.source.read)
+
+    def start_get(self, path: str, *, connect: bool = False) -> Pending | None:
+        return self.source.start(connect=connect)
+
+    def finish_get(self, path: str, pending: Pending) -> GpuReading:
+        return _reading(self.node, partial(self.source.finish, pending))
+
+
+def _reading(node: str, read: Callable[[], GpuReading]) -> GpuReading:
+    """``read()``, or what a source's bug comes to: no figures, and why (it must not take the node down)."""
+    try:
+        return read()
+    except StaleConnection:
+        raise  # not a bug: the loop asks again
+    except Exception as exc:  # noqa: BLE001
+        log.warning("node %s: GPU source failed: %s", node, exc)
+        return GpuReading(VramSource.UNKNOWN, (), error=f"GPU source failed: {exc}")
+
+
 class _Run:
-    """One node's poll in a :class:`Loop`: its reads, the one under way, where its result goes."""
+    """One poll in a :class:`Loop`: its reads, the one under way, where its result goes."""
 
-    __slots__ = ("client", "future", "name", "path", "pending", "steps")
+    __slots__ = ("client", "future", "late", "name", "path", "pending", "steps")
 
-    def __init__(self, name: str, client: OllamaClient, steps: Steps, future: Future[Any]) -> None:
+    def __init__(
+        self, name: str, client: Reads, steps: Steps, late: Callable[[str], Exception] | None
+    ) -> None:
         self.name = name
         self.client = client
         self.steps = steps
-        self.future = future
+        self.late = late
+        self.future: Future[Any] = Future()
         self.path = ""
         self.pending: Pending | None = None
 
 
 class Loop:
-    """Many nodes' polls driven from one thread: each read goes out at once, on the node's kept-alive
-    connection or a new one connecting without waiting, and its answer is read here once it has
-    arrived whole.
+    """Many polls driven from one thread: each read goes out at once, on a kept-alive connection or
+    a new one connecting without waiting, and its answer is read here once it has arrived whole.
 
     Hundreds of threads each blocked on one node cost a 2-core machine more than the answers do:
     starting them, and handing the interpreter's lock around while they parse. Here a hung node
@@ -895,7 +957,7 @@ class Loop:
 
         self._pool = pool
         self._selector = selectors.DefaultSelector()
-        self._runs: dict[str, _Run] = {}
+        self._runs: set[_Run] = set()
         self._dues: list[tuple[float, int, _Run, Pending]] = []
         self._order = itertools.count()
         # Workers hand their results back through this, and wake the selector with a byte.
@@ -905,26 +967,37 @@ class Loop:
             end.setblocking(False)
         self._selector.register(self._wake_in, selectors.EVENT_READ, None)
 
-    def add(self, name: str, client: OllamaClient, steps: Steps) -> Future[Any]:
-        """Start a node's poll; the future gets what it returns or raises."""
-        run = self._runs[name] = _Run(name, client, steps, Future())
+    def add(
+        self, name: str, client: Reads, steps: Steps, *, late: Callable[[str], Exception] | None = None
+    ) -> Future[Any]:
+        """Start a poll; its future gets what it returns or raises.
+
+        One still running at :meth:`close` ends with ``late(name)``, or stays not done without it.
+        """
+        run = _Run(name, client, steps, late)
+        self._runs.add(run)
         self._advance(run, None)
         return run.future
 
     def run(
         self,
+        futures: Sequence[Future[Any]],
         until: Callable[[], float],
         mono: Callable[[], float],
         cancel: Cancel | None,
         tick: Callable[[], object] | None,
     ) -> None:
-        """Drive the polls until all are done, ``until()`` (by ``mono``) has passed, or cancel."""
-        while self._runs:
+        """Drive the polls until ``futures`` are done, ``until()`` (by ``mono``) has passed, or cancel.
+
+        Polls not in ``futures`` go on meanwhile (and in a later call).
+        """
+        waiting = [f for f in futures if not f.done()]
+        while waiting:
             if tick is not None:
                 tick()
             left = until() - mono()
             if left <= 0 or (cancel is not None and cancel.is_set()):
-                break
+                return
             self._expire()
             if self._dues:
                 left = min(left, self._dues[0][0] - time.monotonic())
@@ -936,32 +1009,35 @@ class Loop:
                     self._ready(key.data, key.fileobj)  # type: ignore[arg-type]
             while self._back:
                 run, done = self._back.popleft()
-                if run.future.done():
-                    continue
-                exc = done.exception()
-                if exc is None:
-                    self._advance(run, done.result())
-                else:
-                    self._end(run, exc)
+                if run in self._runs:
+                    exc = done.exception()
+                    if exc is None:
+                        self._advance(run, done.result())
+                    else:
+                        self._end(run, exc)
+            waiting = [f for f in waiting if not f.done()]
 
-    def close(self, why: Callable[[str], Exception]) -> None:
-        """End the polls still running, each with ``why(name)``, and release the selector."""
-        for run in list(self._runs.values()):
+    def close(self) -> None:
+        """End the polls still running (see :meth:`add`), close their connections and the selector."""
+        for run in list(self._runs):
             if run.pending is not None:
                 self._selector.unregister(run.pending)
                 run.pending.abandon()
-            self._end(run, why(run.name))
+            self._runs.discard(run)
+            run.steps.close()
+            if run.late is not None:
+                run.future.set_exception(run.late(run.name))
         self._selector.close()
         self._wake_in.close()
         self._wake_out.close()
 
-    # -- one read at a time per node ----------------------------------------------------------------
+    # -- one read at a time per poll -------------------------------------------------------------------
 
     def _advance(self, run: _Run, answer: Any) -> None:
         try:
             run.path = run.steps.send(answer)
         except StopIteration as stop:
-            del self._runs[run.name]
+            self._runs.discard(run)
             run.future.set_result(stop.value)
             return
         except Exception as exc:  # noqa: BLE001 - the poll's own failure, for whoever reads the future
@@ -1025,19 +1101,12 @@ class Loop:
             self._wake_out.send(b"\0")
 
     def _end(self, run: _Run, exc: BaseException) -> None:
-        self._runs.pop(run.name, None)
+        self._runs.discard(run)
         run.steps.close()
-        if not run.future.done():
-            run.future.set_exception(exc)
+        run.future.set_exception(exc)
 
 
-def _ps_only() -> Steps:
-    """The watch's poll: the node's ps alone."""
-    loaded: tuple[LoadedModel, ...] = yield PS
-    return loaded
-
-
-def _finish(client: OllamaClient, path: str, pending: Pending) -> Any:
+def _finish(client: Reads, path: str, pending: Pending) -> Any:
     """Read a started call's answer where waiting is fine; a stale connection is asked again."""
     try:
         return client.finish_get(path, pending)

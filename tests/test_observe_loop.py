@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_helpers import MakeNode
+from daemon_helpers import MakeNode, write_config
 from rawserver import RawServer, response, serve_requests
 from test_request_counts import api_requests, write_static_config
 
@@ -18,7 +18,7 @@ from gpu_router import observe
 from gpu_router.config import load_config
 from gpu_router.emulator import EmulatedNode, Fault
 from gpu_router.observe import Observer, observe_once
-from gpu_router.state import NodeStatus
+from gpu_router.state import MIB, NodeStatus, VramSource
 from gpu_router.transport import HttpClient, ProxyConfig, TimedOut
 
 LLAMA32 = "llama3.2:latest"
@@ -208,3 +208,35 @@ def test_a_one_shot_report_of_a_large_cluster_reads_the_same_as_threads(
         ]
 
     assert facts(looped) == facts(threaded)
+
+
+def test_a_large_pass_scrapes_exporters_on_the_loop_and_waits_only_for_answered_nodes(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    nodes = {name: make_node(name, (8192, 16384), (LLAMA32,)) for name in ("a", "b", "dead", "mute")}
+    path = write_config(tmp_path / "config.yaml", list(nodes.values()), [LLAMA32], tmp_path / "state")
+    observer = Observer(load_config(path))
+    try:
+        first = {n.name: n for n in observer.observe().nodes}
+        for name in nodes:
+            assert first[name].gpu.source is VramSource.EXPORTER, (name, first[name].gpu.error)
+            assert [g.total_bytes for g in first[name].gpu.gpus] == [8192 * MIB, 16384 * MIB]
+        assert observer._pool.threads <= 1  # the one show; every ps, tags, version and scrape on the loop
+        # "dead" refuses and its exporter hangs: the pass ends without waiting for that exporter.
+        nodes["dead"].set_fault(Fault.REFUSE, paths=("/api/ps",))
+        nodes["dead"].add_fault(Fault.HANG, paths=("/metrics",))
+        seen = {n.name: n for n in observer.observe().nodes}
+        assert seen["a"].gpu.source is VramSource.EXPORTER
+        assert seen["dead"].status is not NodeStatus.UP
+        assert seen["dead"].gpu.error == "GPU source not waited for (node failed)"
+        # "mute" answers and its exporter hangs: waited for, until the scrape's own timeout.
+        nodes["dead"].clear_fault()
+        nodes["mute"].set_fault(Fault.HANG, paths=("/metrics",))
+        seen = {n.name: n for n in observer.observe().nodes}
+        assert seen["mute"].status is NodeStatus.UP
+        url = nodes["mute"].metrics_url
+        assert (
+            seen["mute"].gpu.error == f"exporter {url}: timed out after 2s waiting for the response headers"
+        )
+    finally:
+        observer.close()

@@ -9,6 +9,7 @@ Four exporters are understood, recognised by the metric names a scrape carries (
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +24,7 @@ from gpu_router.gpus.exporter_nvidia import DCGM_LABEL, NVIDIA_SMI_LABEL, interp
 from gpu_router.gpus.health import HealthTracker
 from gpu_router.gpus.scrape import ExporterMatch, Sample, parse_prometheus_text
 from gpu_router.state import MIB, GpuReading, VramSource
-from gpu_router.transport import HttpClient, TransportError
+from gpu_router.transport import HttpClient, Pending, Response, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,6 @@ def redact_url(url: str) -> str:
         return "<invalid URL>"
 
 
-class _FetchError(Exception):
-    """Why the exporter page could not be fetched, as a short phrase."""
-
-
 class ExporterSource:
     """GPU memory scraped from an exporter's ``/metrics`` URL (see :data:`EXPORTER_KINDS`).
 
@@ -134,10 +131,38 @@ class ExporterSource:
 
     def read(self) -> GpuReading:
         """Scrape once; a reading with ``error`` (never an exception) when the exporter fails."""
+        if self._client is None:
+            return self._failed(self._problem or "no HTTP client")
         try:
-            text = self._fetch()
-        except _FetchError as exc:
-            return self._failed(str(exc))
+            resp = self._client.request("GET", self._path, timeout_s=self.timeout_s)
+        except TransportError as exc:
+            return self._failed(exc.reason)
+        return self._reading(resp)
+
+    def start(self, *, connect: bool = False) -> Pending | None:
+        """Send a scrape without waiting for its answer (``HttpClient.start``); None: use :meth:`read`."""
+        if self._client is None:
+            return None
+        deadline = time.monotonic() + self.timeout_s
+        return self._client.start("GET", self._path, deadline=deadline, connect=connect)
+
+    def finish(self, pending: Pending) -> GpuReading:
+        """The reading for a scrape sent by :meth:`start`, as :meth:`read` gives it.
+
+        Raises ``StaleConnection`` when the kept-alive connection had been closed: :meth:`read` again.
+        """
+        try:
+            resp = pending.finish()
+        except TransportError as exc:
+            return self._failed(exc.reason)
+        return self._reading(resp)
+
+    def _reading(self, resp: Response) -> GpuReading:
+        if resp.status != 200:
+            reason = " ".join(resp.reason.split())[:80]  # the server's words: one short line
+            return self._failed(f"HTTP {resp.status} {reason}".rstrip())
+        # The exposition format is UTF-8 by definition; a stray byte must not hide every GPU.
+        text = resp.body.decode("utf-8", errors="replace")
         try:
             samples, bad_lines = parse_prometheus_text(text)
             found = interpret_samples(samples)
@@ -176,16 +201,3 @@ class ExporterSource:
         log.log(level, "%s; GPU memory unknown until it answers", error)
         self._last_error = error
         return GpuReading(VramSource.UNKNOWN, (), error=error)
-
-    def _fetch(self) -> str:
-        if self._client is None:
-            raise _FetchError(self._problem or "no HTTP client")
-        try:
-            resp = self._client.request("GET", self._path, timeout_s=self.timeout_s)
-        except TransportError as exc:
-            raise _FetchError(exc.reason) from None
-        if resp.status != 200:
-            reason = " ".join(resp.reason.split())[:80]  # the server's words: one short line
-            raise _FetchError(f"HTTP {resp.status} {reason}".rstrip())
-        # The exposition format is UTF-8 by definition; a stray byte must not hide every GPU.
-        return resp.body.decode("utf-8", errors="replace")

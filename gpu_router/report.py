@@ -601,6 +601,23 @@ def render(tables: Sequence[Table], out: TextIO, *, rich: bool, footer: str = ""
 
 
 def write_json(data: Json, out: TextIO) -> None:
-    """The report as one JSON document on ``out``."""
-    # One write: json.dump with an indent writes every token separately (a third slower at 500 nodes).
-    out.write(json.dumps(data, indent=2) + "\n")
+    """The report as one JSON document on ``out``: each top-level key on a line of its own, and each
+    record of a top-level list (a node, a model, an action) on one line of its own.
+
+    A record per line reads well in a pager and in ``grep``, and it is encoded by the C encoder:
+    ``json.dumps`` with an indent runs the pure-Python one (0.11 s against 0.02 s at 500 nodes).
+    """
+    encode = _JSON_LINE.encode
+    lines = ["{"]
+    for i, (key, value) in enumerate(data.items()):
+        comma = "," if i < len(data) - 1 else ""
+        if isinstance(value, list) and value:
+            records = ",\n".join("    " + encode(v) for v in value)
+            lines.append(f"  {encode(key)}: [\n{records}\n  ]{comma}")
+        else:
+            lines.append(f"  {encode(key)}: {encode(value)}{comma}")
+    lines.append("}")
+    out.write("\n".join(lines) + "\n")  # one write: a pipe's reader sees the whole document at once
+
+
+_JSON_LINE = json.JSONEncoder(separators=(", ", ": "))

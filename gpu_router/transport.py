@@ -324,6 +324,7 @@ class StaleConnection(Exception):
 
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n")
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked[ \t]*\r\n")
 
 
 class Pending:
@@ -364,13 +365,19 @@ class Pending:
         if not data:
             return True
         end = data.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or data[9:10] == b"1":  # "HTTP/1.1 1xx": the response itself may be yet to come
             return False
         head = data[: end + 2].lower()
         length = _CONTENT_LENGTH.search(head)
-        if length is not None and b"\r\ntransfer-encoding:" not in head:
+        # Two Content-Length lines (which may disagree) make the reader read to the close: never complete.
+        if (
+            length is not None
+            and head.count(b"\r\ncontent-length:") == 1
+            and b"\r\ntransfer-encoding:" not in head
+        ):
             return len(data) - end - 4 >= int(length.group(1))
-        return b"chunked" in head and data.endswith(b"\r\n0\r\n\r\n")
+        chunked = head.count(b"\r\ntransfer-encoding:") == 1 and _CHUNKED.search(head) is not None
+        return chunked and data.endswith(b"\r\n0\r\n\r\n")
 
     def finish(self) -> Response:
         """The response, as :meth:`HttpClient.request` returns it (and its errors).

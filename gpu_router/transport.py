@@ -368,6 +368,8 @@ class Pending:
         if end < 0 or data[9:10] == b"1":  # "HTTP/1.1 1xx": the response itself may be yet to come
             return False
         head = data[: end + 2].lower()
+        if b"\r\n " in head or b"\r\n\t" in head:
+            return False  # a folded line may carry on the Content-Length the regex saw
         length = _CONTENT_LENGTH.search(head)
         # Two Content-Length lines (which may disagree) make the reader read to the close: never complete.
         if (

@@ -126,6 +126,7 @@ def test_a_chunked_answer_is_complete_at_its_last_chunk(
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhey",
         b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n 0\r\n\r\nhi",
         b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Mode: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",

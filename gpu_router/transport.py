@@ -20,8 +20,10 @@ DNS resolution cannot be interrupted in CPython. A host name (not an IP literal)
 helper thread that the caller waits for only until the deadline; a client never runs more than one
 such lookup at a time, so a hung resolver costs one thread per host, not one per call.
 
-This module imports only light standard modules at import time; ``socket``, ``ssl`` and
-``http.client`` are imported when the first client is built.
+Responses are read by :mod:`gpu_router.httpread`, not ``http.client``: importing that pulls in
+``email``, ``ssl`` and ``calendar`` (about 20 ms of start-up) and its ``email`` header parser costs
+about 50 µs a response. This module imports only light standard modules at import time; ``socket`` is
+imported when the first client is built, ``ssl`` when the first https:// client is.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
+from gpu_router import httpread
+
 if TYPE_CHECKING:
-    import http.client
     import socket
     import ssl
 
@@ -321,6 +324,7 @@ class StaleConnection(Exception):
 
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n")
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked[ \t]*\r\n")
 
 
 class Pending:
@@ -427,13 +431,21 @@ class Pending:
         if not data:
             return True
         end = data.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or data[9:10] == b"1":  # "HTTP/1.1 1xx": the response itself may be yet to come
             return False
         head = data[: end + 2].lower()
+        if b"\r\n " in head or b"\r\n\t" in head:
+            return False  # a folded line may carry on the Content-Length the regex saw
         length = _CONTENT_LENGTH.search(head)
-        if length is not None and b"\r\ntransfer-encoding:" not in head:
+        # Two Content-Length lines (which may disagree) make the reader read to the close: never complete.
+        if (
+            length is not None
+            and head.count(b"\r\ncontent-length:") == 1
+            and b"\r\ntransfer-encoding:" not in head
+        ):
             return len(data) - end - 4 >= int(length.group(1))
-        return b"chunked" in head and data.endswith(b"\r\n0\r\n\r\n")
+        chunked = head.count(b"\r\ntransfer-encoding:") == 1 and _CHUNKED.search(head) is not None
+        return chunked and data.endswith(b"\r\n0\r\n\r\n")
 
     def finish(self) -> Response:
         """The response, as :meth:`HttpClient.request` returns it (and its errors).
@@ -510,16 +522,6 @@ class _SocketReader(io.RawIOBase):
         if n == 0:
             self.eof = True
         return n
-
-
-class _SockShim:
-    """What ``http.client.HTTPResponse`` expects of a socket: only ``makefile``."""
-
-    def __init__(self, reader: _SocketReader) -> None:
-        self.reader = reader
-
-    def makefile(self, mode: str, *args: object) -> io.BufferedReader:
-        return io.BufferedReader(self.reader, _READ_CHUNK)
 
 
 class _Budget:
@@ -643,13 +645,11 @@ class HttpClient:
         proxies: ProxyConfig | None = None,
         max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS,
     ) -> None:
-        import http.client
         import socket
 
         self._socket = socket
-        self._http = http.client
         # What the socket, TLS and HTTP layers raise for a bad peer; anything else is a bug and propagates.
-        self._failures: tuple[type[Exception], ...] = (OSError, http.client.HTTPException, ValueError)
+        self._failures: tuple[type[Exception], ...] = (OSError, httpread.HttpReadError, ValueError)
         parts = urlsplit(base_url)
         scheme = parts.scheme.lower()
         try:
@@ -914,7 +914,7 @@ class HttpClient:
                 phase = "waiting for the response headers"
                 reader = _SocketReader(conn.sock, deadline)
                 resp = self._read_head(reader, method, path)
-            except (ConnectionError, self._http.RemoteDisconnected, self._http.BadStatusLine) as exc:
+            except (ConnectionError, httpread.NoResponse) as exc:
                 # Nothing of a response arrived on a connection that had served before: the server closed
                 # it while it sat idle. The only case where a retry cannot repeat anything.
                 if reused and (reader is None or reader.received == 0):
@@ -922,11 +922,11 @@ class HttpClient:
                 raise
             phase = "reading the body"
             body = self._read_body(resp, reader, cap)
-            keep = not resp.will_close
-            headers = {k.lower(): v for k, v in resp.getheaders()}
-            return Response(resp.status, resp.reason, MappingProxyType(headers), body)
+            # A stream that ended (a chunked body without its trailer, say) has nothing more to give.
+            keep = not resp.will_close and not reader.eof
+            return Response(resp.status, resp.reason, MappingProxyType(resp.headers), body)
         except self._failures as exc:
-            raise self._classify(exc, phase, timeout, reader=reader) from None
+            raise self._classify(exc, phase, timeout) from None
         finally:
             if keep:
                 self._checkin(conn)
@@ -946,19 +946,18 @@ class HttpClient:
                 raise _Expired() from None
             view = view[sent:]
 
-    def _read_head(self, reader: _SocketReader, method: str, path: str) -> http.client.HTTPResponse:
-        resp = self._http.HTTPResponse(_SockShim(reader), method=method)  # type: ignore[arg-type]
-        resp.begin()
+    def _read_head(self, reader: _SocketReader, method: str, path: str) -> httpread.Incoming:
+        resp = httpread.read_head(io.BufferedReader(reader, _READ_CHUNK), method)
         if resp.status < 200:
             raise InvalidResponse(f"unexpected informational status HTTP {resp.status}")
         if 300 <= resp.status < 400:
-            location = resp.getheader("location")
+            location = resp.field("location")
             target = _describe_target(self.display_url + path, location)
             raise RedirectRefused(resp.status, target)
         return resp
 
-    def _read_body(self, resp: http.client.HTTPResponse, reader: _SocketReader, cap: int) -> bytes:
-        encoding = (resp.getheader("content-encoding") or "identity").strip().lower()
+    def _read_body(self, resp: httpread.Incoming, reader: _SocketReader, cap: int) -> bytes:
+        encoding = (resp.field("content-encoding") or "identity").strip().lower()
         inflater: _Inflater | None = None
         if encoding in ("gzip", "x-gzip", "deflate"):
             inflater = _Inflater(encoding)
@@ -997,7 +996,7 @@ class HttpClient:
             chunks.clear()
 
     @staticmethod
-    def _pieces(resp: http.client.HTTPResponse, inflater: _Inflater | None, cap: int) -> Iterator[bytes]:
+    def _pieces(resp: httpread.Incoming, inflater: _Inflater | None, cap: int) -> Iterator[bytes]:
         """The body as it arrives, decoded in pieces of at most ``_INFLATE_STEP``."""
         raw_total = 0
         while resp.length != 0:
@@ -1115,11 +1114,7 @@ class HttpClient:
         auth = self._proxy.auth_header
         request = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (authority, authority, auth)
         self._send(_Conn(sock), request, deadline)
-        resp = self._http.HTTPResponse(
-            _SockShim(_SocketReader(sock, deadline)),  # type: ignore[arg-type]
-            method="CONNECT",
-        )
-        resp.begin()
+        resp = httpread.read_head(io.BufferedReader(_SocketReader(sock, deadline), _READ_CHUNK), "CONNECT")
         if resp.status != 200:
             raise ConnectFailed(
                 f"proxy {self._proxy.display} refused the tunnel: HTTP {resp.status} {resp.reason}".rstrip()
@@ -1127,13 +1122,10 @@ class HttpClient:
 
     # -- errors ------------------------------------------------------------------------------------------
 
-    def _classify(
-        self, exc: Exception, phase: str, timeout: float, where: str = "", reader: _SocketReader | None = None
-    ) -> TransportError:
+    def _classify(self, exc: Exception, phase: str, timeout: float, where: str = "") -> TransportError:
         """A one-line :class:`TransportError` for whatever the socket, TLS or HTTP layer raised."""
         import errno
 
-        http = self._http
         if isinstance(exc, _Expired) and exc.idle_s is not None:
             return TimedOut(phase, exc.idle_s, idle=True)
         if isinstance(exc, TimeoutError):
@@ -1153,21 +1145,16 @@ class HttpClient:
             )
         if isinstance(exc, ConnectionRefusedError):
             return ConnectFailed(f"{where}connection refused")
-        if isinstance(exc, http.RemoteDisconnected):
+        if isinstance(exc, httpread.NoResponse):
             return ConnectionLost(f"{where}connection closed without a response")
-        if isinstance(exc, http.IncompleteRead):
-            # http.client says IncompleteRead both for an early close and for a chunk size that is no number
-            if reader is not None and not reader.eof:
-                return InvalidResponse("invalid HTTP: bad chunked encoding")
-            return ConnectionLost("connection closed in the middle of the body")
+        if isinstance(exc, httpread.Truncated):
+            return ConnectionLost(f"{where}{exc.reason}")
+        if isinstance(exc, httpread.Malformed):
+            return InvalidResponse(f"invalid HTTP: {exc.reason} {_short(exc.detail)}".rstrip())
         if isinstance(exc, ConnectionResetError):
             return ConnectionLost(f"{where}connection reset")
         if isinstance(exc, (BrokenPipeError, ConnectionAbortedError)):
             return ConnectionLost(f"{where}connection closed by the server while {phase}")
-        if isinstance(exc, http.LineTooLong):
-            return InvalidResponse(f"invalid HTTP: {exc} too long")
-        if isinstance(exc, http.HTTPException):
-            return InvalidResponse(f"invalid HTTP: {type(exc).__name__} {_short(str(exc))}".rstrip())
         if isinstance(exc, OSError):
             known = {
                 errno.EHOSTUNREACH: "no route to host",
@@ -1222,13 +1209,13 @@ class LineStream:
         client: HttpClient,
         conn: _Conn,
         reader: _SocketReader,
-        resp: http.client.HTTPResponse,
+        resp: httpread.Incoming,
         total_timeout_s: float,
         max_line_bytes: int,
     ) -> None:
         self.status: int = resp.status
         self.reason: str = resp.reason
-        self.headers: Mapping[str, str] = MappingProxyType({k.lower(): v for k, v in resp.getheaders()})
+        self.headers: Mapping[str, str] = MappingProxyType(resp.headers)
         self._client = client
         self._conn: _Conn | None = conn
         self._reader = reader
@@ -1238,7 +1225,7 @@ class LineStream:
         self._buffer = bytearray()
         self._lines: deque[bytes] = deque()
         self._done = False
-        encoding = (resp.getheader("content-encoding") or "identity").strip().lower()
+        encoding = (resp.field("content-encoding") or "identity").strip().lower()
         self._inflater = _Inflater(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
         if self._inflater is None and encoding not in ("identity", ""):
             self.close()
@@ -1256,9 +1243,7 @@ class LineStream:
                 self._fill()
             except self._client._failures as exc:
                 self.close()
-                raise self._client._classify(
-                    exc, "reading the stream", self._total_timeout_s, reader=self._reader
-                ) from None
+                raise self._client._classify(exc, "reading the stream", self._total_timeout_s) from None
             except BaseException:
                 self.close()
                 raise
@@ -1314,7 +1299,7 @@ class LineStream:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._resp.will_close:
+        if self._resp.will_close or self._reader.eof:
             conn.close()
         else:
             self._client._checkin(conn)
@@ -1323,7 +1308,7 @@ class LineStream:
         """Stop reading; the connection is closed unless the body was read to its end."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            if self._done and not self._resp.will_close and not self._lines:
+            if self._done and not self._resp.will_close and not self._reader.eof and not self._lines:
                 self._client._checkin(conn)
             else:
                 conn.close()

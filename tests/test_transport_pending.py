@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import selectors
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from daemon_helpers import wait_until
 from rawserver import Conn, RawServer, Request, response, serve_requests
 
-from gpu_router.transport import HttpClient, Pending, ProxyConfig, StaleConnection
+from gpu_router.transport import HttpClient, Pending, ProxyConfig, StaleConnection, TransportError
 
 T = 10.0
 Serve = Callable[[Callable[[Conn], None]], RawServer]
@@ -116,6 +118,43 @@ def test_a_chunked_answer_is_complete_at_its_last_chunk(
     assert pending is not None
     wait_until(pending.complete, what="the last chunk")
     assert pending.finish().body == b"hello world"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhey",
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n 0\r\n\r\nhi",
+        b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Mode: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+)
+def test_complete_never_says_yes_to_an_answer_finish_would_wait_for(
+    serve: Serve, client_for: Callable[[str], HttpClient], answer: bytes
+) -> None:
+    # complete() is asked on the watch's one thread for every node: a yes where the reader then waits
+    # for more (to the close, or for the response after a 1xx) stalls every node's watch till the deadline.
+    def second_answer_then_hold(conn: Conn) -> None:
+        req = conn.read_request()
+        if req is not None and conn.send(response(200, ps_body(req))) and conn.read_request() is not None:
+            conn.send(answer)
+            conn.read_request()  # holds the connection open until the client closes it
+
+    server = serve(second_answer_then_hold)
+    client = client_for(server.url)
+    client.request("GET", "/api/version")
+    pending = client.start("GET", "/api/ps")
+    assert pending is not None
+    wait_readable(pending)
+    time.sleep(0.1)  # the whole answer is in: one send
+    if pending.complete():
+        start = time.monotonic()
+        with contextlib.suppress(TransportError):
+            pending.finish()
+        assert time.monotonic() - start < 2.0
 
 
 def test_a_connection_the_server_dropped_says_stale(

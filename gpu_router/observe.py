@@ -1011,11 +1011,12 @@ class Loop:
             while self._back:
                 run, done = self._back.popleft()
                 if run in self._runs:
-                    exc = done.exception()
-                    if exc is None:
-                        self._advance(run, done.result())
-                    else:
+                    try:
+                        answer = done.result()
+                    except BaseException as exc:  # noqa: BLE001 - cancelled too (the workers closed)
                         self._end(run, exc)
+                    else:
+                        self._advance(run, answer)
             waiting = [f for f in waiting if not f.done()]
 
     def close(self) -> None:

@@ -34,12 +34,12 @@ from gpu_router.transport import HttpClient, ProxyConfig
 SERVER = """
 import sys
 from gpu_router.emulator import EmulatedNode
-from gpu_router.emulator import node as node_module
+from gpu_router.emulator import server as server_module
 
 # The emulator speaks HTTP/1.1 with keep-alive, as Ollama's Go server does; HTTP/1.0 makes every call
 # open and close its own connection.
 if sys.argv[1] != "keep-alive":
-    node_module._Handler.protocol_version = "HTTP/1.0"
+    server_module._Handler.protocol_version = "HTTP/1.0"
 node = EmulatedNode("bench", (24576,), ("llama3.2", "nomic-embed-text", "all-minilm"))
 for model in ("llama3.2", "nomic-embed-text", "all-minilm"):
     node.load(model, keep_alive=-1)

@@ -701,12 +701,9 @@ class Observer:
         tags_f: Future[tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]]
         | None,
         version_f: Future[str] | None,
-        tags_here: bool = False,
-        version_here: bool = False,
     ) -> _Polled:
-        """:meth:`_poll_steps` in a worker thread, each read made in turn."""
-        steps = self._poll_steps(node, ends, tags_f, version_f, tags_here, version_here)
-        polled: _Polled = _drive(self.clients[node.name], steps)
+        """:meth:`_poll_steps` in a worker thread (a small pass), each read made in turn."""
+        polled: _Polled = _drive(self.clients[node.name], self._poll_steps(node, ends, tags_f, version_f))
         return polled
 
     def _poll_steps(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -238,5 +240,25 @@ def test_a_large_pass_scrapes_exporters_on_the_loop_and_waits_only_for_answered_
         assert (
             seen["mute"].gpu.error == f"exporter {url}: timed out after 2s waiting for the response headers"
         )
+    finally:
+        observer.close()
+
+
+def test_passes_on_the_loop_leave_no_descriptor_or_thread_behind(make_node: MakeNode, tmp_path: Path) -> None:
+    nodes = [make_node(f"n{i}", (8192,), (LLAMA32,)) for i in range(3)]
+    nodes[0].load(LLAMA32, keep_alive=-1)
+    observer = Observer(load_config(write_config(tmp_path / "c.yaml", nodes, [LLAMA32], tmp_path / "state")))
+    try:
+        observer.observe()
+        observer.watch()
+        fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+        nodes[1].set_fault(Fault.DRIP, rate_bps=20000, paths=("/api/ps",))  # handed to a worker each time
+        for _ in range(15):
+            observer.observe()
+            observer.watch()
+        nodes[1].clear_fault()
+        observer.observe()
+        assert len(os.listdir("/proc/self/fd")) <= fds
+        assert threading.active_count() <= threads + 1  # the worker the drip needed stays for reuse
     finally:
         observer.close()

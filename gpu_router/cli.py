@@ -312,6 +312,7 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 def cmd_explain(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``explain MODEL [--node NAME]``: the need on each node, part by part, and why."""
     from gpu_router.config import normalize_model_name
+
     name = normalize_model_name(args.model)
     node = getattr(args, "node", None)
     if node is not None and node not in {n.name for n in config.nodes}:

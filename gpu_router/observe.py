@@ -551,9 +551,18 @@ class Observer:
             calls += 1 + need_tags + need_version
         side_by_side = calls <= SIDE_BY_SIDE_MAX_CALLS
         # A large pass runs its polls and exporter scrapes on one selector (Loop); threads only for
-        # the other GPU sources, the shows, and whatever the loop hands on.
+        # the other GPU sources, the shows, and what the loop cannot do without waiting (TLS, names).
         loop = None if side_by_side else Loop(self._pool)
-        with coarse_switching(calls):
+        threaded = calls
+        if loop is not None:
+            # Only the calls that end up in threads make the switch interval matter.
+            threaded = sum(not self.clients[n.name].selectable for n, _, _ in fresh)
+            threaded += sum(
+                _Scrape.of(n.name, src) is None
+                for n, _, _ in fresh
+                if not _no_io(src := self.gpu_sources[n.name])
+            )
+        with coarse_switching(threaded):
             try:
                 if loop is None:
                     self._pool.reserve(calls)
@@ -895,10 +904,11 @@ class _Scrape:
 
     @staticmethod
     def of(node: str, source: GpuSource) -> _Scrape | None:
-        """The node's source as a scrape, when it is an exporter (other kinds read in a worker)."""
+        """The node's source as a scrape, when it is an exporter the loop can ask (the rest read in
+        a worker)."""
         from gpu_router.gpus.exporter import ExporterSource
 
-        return _Scrape(node, source) if isinstance(source, ExporterSource) else None
+        return _Scrape(node, source) if isinstance(source, ExporterSource) and source.selectable else None
 
     def get(self, path: str) -> GpuReading:
         return _reading(self.node, self.source.read)

@@ -532,6 +532,11 @@ class OllamaClient:
         """
         return self._http.start("GET", path, deadline=deadline, connect=connect)
 
+    @property
+    def selectable(self) -> bool:
+        """:meth:`start_get` can connect without waiting (``HttpClient.selectable``)."""
+        return self._http.selectable
+
     def finish_get(self, path: str, pending: Pending) -> Any:
         """The answer to :meth:`start_get`, as :meth:`get` returns it (``StaleConnection``: ask again)."""
         try:

@@ -795,12 +795,19 @@ class HttpClient:
             return None
         return Pending(self, conn, method, path, deadline, timeout)
 
+    @property
+    def selectable(self) -> bool:
+        """:meth:`start` can open a connection without waiting: plain HTTP to one IP literal.
+
+        A host name waits on the resolver, TLS on its handshake and a proxy's CONNECT on an answer,
+        so those go the blocking way (:meth:`request`, in a thread).
+        """
+        if self._ssl is not None or self._ssl_problem or len(self._numeric) != 1:
+            return False
+        return self._proxy is None or not (self._proxy.unsupported or self.scheme == "https")
+
     def _start_connect(self, method: str, path: str, deadline: float, timeout: float) -> Pending | None:
-        # One numeric address, as request() would try first; a host name waits on the resolver and
-        # a proxy's CONNECT on an answer, so both go the blocking way.
-        if self._ssl_problem or len(self._numeric) != 1 or self._closed:
-            return None
-        if self._proxy is not None and (self._proxy.unsupported or self.scheme == "https"):
+        if not self.selectable or self._closed:
             return None
         import errno
 

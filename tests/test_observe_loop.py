@@ -6,6 +6,7 @@ import json
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -262,3 +263,20 @@ def test_passes_on_the_loop_leave_no_descriptor_or_thread_behind(make_node: Make
         assert threading.active_count() <= threads + 1  # the worker the drip needed stays for reuse
     finally:
         observer.close()
+
+
+def test_the_switch_interval_is_raised_only_for_what_the_loop_hands_to_threads(
+    make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the loop, hundreds of nodes are one thread: the interval stays (an API answer is not held
+    # up by it). A node only a thread can ask (a host name) counts again.
+    monkeypatch.setattr(observe, "COARSE_SWITCH_FROM_CALLS", 1)
+    node = make_node("solo", (8192,), (LLAMA32,))
+    seen: list[float] = []
+    node.on_request("/api/ps", lambda _: seen.append(round(sys.getswitchinterval(), 6)), once=False)
+    path = config_for(tmp_path, [node])
+    before = round(sys.getswitchinterval(), 6)
+    assert observe_once(load_config(path)).nodes[0].up
+    path.write_text(path.read_text().replace("127.0.0.1", "localhost"))
+    assert observe_once(load_config(path)).nodes[0].up
+    assert seen == [before, observe.COARSE_SWITCH_S]

@@ -146,6 +146,11 @@ class ExporterSource:
         deadline = time.monotonic() + self.timeout_s
         return self._client.start("GET", self._path, deadline=deadline, connect=connect)
 
+    @property
+    def selectable(self) -> bool:
+        """:meth:`start` can connect without waiting (``HttpClient.selectable``)."""
+        return self._client is not None and self._client.selectable
+
     def finish(self, pending: Pending) -> GpuReading:
         """The reading for a scrape sent by :meth:`start`, as :meth:`read` gives it.
 

@@ -832,7 +832,7 @@ def _judge(
     resident: list[str] = []
     best: Fit | None = None
     best_left = sys.maxsize
-    fitting: list[int] = []
+    fitting = 0
     allowed = pm.nodes if pm is not None and pm.nodes else None
     index = room.index
     gpu, fits_v, no_room = Processor.GPU, Verdict.FITS, Verdict.NO_ROOM
@@ -928,11 +928,11 @@ def _judge(
                 continue
             left = spot[1]
             f = Fit(name, fits_v, spot[0], (), left, need)
-        fitting.append(position)
+        fitting += 1
         add(f)
         if left < best_left:  # the first node wins a tie
             best, best_left = f, left
-    return _Judged(out, resident, [best] if best is not None else [], len(fitting))
+    return _Judged(out, resident, [best] if best is not None else [], fitting)
 
 
 class _FitIndex:

@@ -837,7 +837,7 @@ def _judge(
     index = room.index
     gpu, fits_v, no_room = Processor.GPU, Verdict.FITS, Verdict.NO_ROOM
     new = tuple.__new__  # skips NamedTuple's keyword-handling constructor: every field is given
-    for position, (
+    for (
         name,
         up,
         pid,
@@ -853,7 +853,7 @@ def _judge(
         not_allowed,
         not_installed,
         no_gpu,
-    ) in enumerate(views):
+    ) in views:
         if not up:
             held = loaded_map.get(model) if stale else None
             if held is not None and held.processor is gpu and (allowed is None or name in allowed):

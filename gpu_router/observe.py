@@ -519,7 +519,7 @@ class Observer:
         """
         start = self._mono()
         deadline = start + self.deadline_s
-        # When each poll's latest call began (it ends one request_timeout later, see _poll). A poll
+        # When each poll's latest call began (it ends one request_timeout later, see _poll_steps). A poll
         # that got its thread late, on a machine short of CPU, is waited for, up to a second
         # timeout: slow here is not down there.
         ends: dict[str, float] = {}
@@ -584,8 +584,10 @@ class Observer:
                     if need_version:
                         version_f = Future()
                         beside.append((version_f, self.clients[n.name].version, None))
+                    # The poll's reads one after another in a worker (its first runs there too).
+                    steps = self._poll_steps(n, ends, tags_f, version_f)
                     polls[n.name] = self._busy[n.name] = self._pool.submit(
-                        self._poll, n, ends, tags_f, version_f
+                        _drive, self.clients[n.name], steps
                     )
                 for carrier, fn, arg in beside:
                     self._pool.submit(fn, *(() if arg is None else (arg,)), into=carrier)
@@ -702,18 +704,6 @@ class Observer:
             or node not in self._tags
             or self._tags_age.get(node, 0) >= TAGS_EVERY - 1
         )
-
-    def _poll(
-        self,
-        node: NodeConfig,
-        ends: dict[str, float],
-        tags_f: Future[tuple[tuple[InstalledModel, ...], dict[tuple[str, str], Future[ModelInfo | None]]]]
-        | None,
-        version_f: Future[str] | None,
-    ) -> _Polled:
-        """:meth:`_poll_steps` in a worker thread (a small pass), each read made in turn."""
-        polled: _Polled = _drive(self.clients[node.name], self._poll_steps(node, ends, tags_f, version_f))
-        return polled
 
     def _poll_steps(
         self,

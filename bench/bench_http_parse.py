@@ -80,8 +80,8 @@ class _Shim:
         return io.BufferedReader(io.BytesIO(self.raw), READ)
 
 
-def ours(raw: bytes, body: bool) -> int:
-    resp = httpread.read_head(io.BufferedReader(io.BytesIO(raw), READ), "GET")
+def _drain(resp: httpread.Incoming | http.client.HTTPResponse, body: bool) -> int:
+    """Read the body as the transport does (``read1`` pieces); its length."""
     n = 0
     if body:
         while resp.length != 0:
@@ -90,19 +90,16 @@ def ours(raw: bytes, body: bool) -> int:
                 break
             n += len(piece)
     return n
+
+
+def ours(raw: bytes, body: bool) -> int:
+    return _drain(httpread.read_head(io.BufferedReader(io.BytesIO(raw), READ), "GET"), body)
 
 
 def stdlib(raw: bytes, body: bool) -> int:
     resp = http.client.HTTPResponse(_Shim(raw))  # type: ignore[arg-type]
     resp.begin()
-    n = 0
-    if body:
-        while resp.length != 0:
-            piece = resp.read1(READ)
-            if not piece:
-                break
-            n += len(piece)
-    return n
+    return _drain(resp, body)
 
 
 def cpu_us(parse: Callable[[bytes, bool], int], raw: bytes, body: bool, count: int) -> float:

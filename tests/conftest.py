@@ -1,4 +1,4 @@
-"""Fixtures shared by the daemon tests."""
+"""Fixtures shared by the tests: emulated nodes, daemons, raw HTTP servers and transport clients."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 from daemon_helpers import MakeDaemon, MakeNode, write_config
+from rawserver import Conn, RawServer, Serve
 
 from gpu_router.config import load_config
 from gpu_router.daemon import Daemon
 from gpu_router.emulator import EmulatedNode
 from gpu_router.systemd import Notifier
+from gpu_router.transport import HttpClient, ProxyConfig
 
 
 @pytest.fixture
@@ -60,3 +62,34 @@ def make_daemon(make_node: MakeNode, tmp_path: Path) -> Iterator[MakeDaemon]:
         d.pulls.stop(2.0)
         d.executor.stop(0)
         d.observer.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """Start raw HTTP servers (``RawServer``) with a connection handler; all closed at the end."""
+    servers: list[RawServer] = []
+
+    def start(handler: Callable[[Conn], None], **kw: Any) -> RawServer:
+        server = RawServer(handler, **kw)
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., HttpClient]]:
+    """Make HttpClients (never with the developer's own proxy settings); all closed at the end."""
+    made: list[HttpClient] = []
+
+    def make(url: str, **kw: Any) -> HttpClient:
+        kw.setdefault("proxies", ProxyConfig())
+        client = HttpClient(url, **kw)
+        made.append(client)
+        return client
+
+    yield make
+    for c in made:
+        c.close()

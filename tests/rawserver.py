@@ -253,3 +253,7 @@ def _pipe(conn: Conn, backend: socket.socket) -> None:
                 if not data:
                     return
                 (backend if sock is conn.sock else conn.sock).sendall(data)
+
+
+# What the ``serve`` fixture (conftest.py) hands a test: start a RawServer with this handler.
+Serve = Callable[..., RawServer]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawserver import Conn, RawServer
+from rawserver import Conn, RawServer, Serve
 
 from gpu_router import httpread
 from gpu_router.transport import (
@@ -38,37 +38,6 @@ from gpu_router.transport import (
 )
 
 SLACK_S = 2.0  # shared, noisy machines: only a sanity bound on "did not hang"
-
-Serve = Callable[[Callable[[Conn], None]], RawServer]
-
-
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    servers: list[RawServer] = []
-
-    def start(handler: Callable[[Conn], None]) -> RawServer:
-        server = RawServer(handler)
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.close()
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[..., HttpClient]]:
-    made: list[HttpClient] = []
-
-    def make(url: str, **kw: object) -> HttpClient:
-        kw.setdefault("proxies", ProxyConfig())
-        client = HttpClient(url, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def answer_each(raw: bytes | Callable[[int], bytes]) -> Callable[[Conn], None]:

@@ -14,10 +14,19 @@ import textwrap
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-from rawserver import CA_FILE, Conn, RawServer, Request, chunked, forward_proxy, response, serve_requests
+from rawserver import (
+    CA_FILE,
+    Conn,
+    Request,
+    Serve,
+    chunked,
+    forward_proxy,
+    response,
+    serve_requests,
+)
 from rawserver import server_tls_context as tls_context
 
 from gpu_router.transport import (
@@ -35,37 +44,6 @@ from gpu_router.transport import (
 
 MIB = 1024 * 1024
 SLACK_S = 2.0  # generous: these machines are shared and noisy
-
-Serve = Callable[..., RawServer]
-
-
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    servers: list[RawServer] = []
-
-    def start(handler: Callable[[Conn], None], **kw: object) -> RawServer:
-        server = RawServer(handler, **kw)  # type: ignore[arg-type]
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.close()
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[..., HttpClient]]:
-    made: list[HttpClient] = []
-
-    def make(url: str, **kw: object) -> HttpClient:
-        kw.setdefault("proxies", ProxyConfig())  # never the developer's own proxy settings
-        client = HttpClient(url, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def ok_json(req: Request) -> bytes:

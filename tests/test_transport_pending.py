@@ -11,26 +11,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from daemon_helpers import wait_until
-from rawserver import Conn, RawServer, Request, response, serve_requests
+from rawserver import Conn, Request, Serve, response, serve_requests
 
 from gpu_router.transport import HttpClient, Pending, ProxyConfig, StaleConnection, TransportError
 
 T = 10.0
-Serve = Callable[[Callable[[Conn], None]], RawServer]
-
-
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    servers: list[RawServer] = []
-
-    def start(handler: Callable[[Conn], None]) -> RawServer:
-        server = RawServer(handler)
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 @pytest.fixture

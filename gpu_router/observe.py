@@ -1020,7 +1020,9 @@ class Loop:
         """End the polls still running (see :meth:`add`), close their connections and the selector."""
         for run in list(self._runs):
             if run.pending is not None:
-                self._selector.unregister(run.pending)
+                # Also after a bug left it half-registered: close must not raise over the bug's traceback.
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(run.pending)
                 run.pending.abandon()
             self._runs.discard(run)
             run.steps.close()

@@ -14,7 +14,10 @@ of its per-call CPU on per-request proxy, environment and netrc look-ups. Here:
 * headers are validated and encoded once per client, the SSLContext is built once per client, and
   proxy settings are read from the environment once per process;
 * keep-alive connections are pooled per client; a reused connection that the server had closed is
-  retried once, for GET and HEAD only, and only when nothing of a response arrived.
+  retried once, for GET and HEAD only, and only when nothing of a response arrived;
+* a GET can also be started without waiting (:meth:`HttpClient.start`, on a kept-alive connection
+  or a new one connecting without blocking) and finished once its answer is whole
+  (:class:`Pending`), so one thread on a selector can poll hundreds of nodes.
 
 DNS resolution cannot be interrupted in CPython. A host name (not an IP literal) is resolved in a
 helper thread that the caller waits for only until the deadline; a client never runs more than one

@@ -9,12 +9,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from daemon_helpers import MakeNode, write_config
-from rawserver import RawServer, response, serve_requests
+from rawserver import RawServer, Serve, forward_proxy, response, serve_requests
 from test_request_counts import api_requests, write_static_config
 
 from gpu_router import observe
@@ -22,7 +23,7 @@ from gpu_router.config import load_config
 from gpu_router.emulator import EmulatedNode, Fault
 from gpu_router.observe import Observer, observe_once
 from gpu_router.state import MIB, NodeStatus, VramSource
-from gpu_router.transport import HttpClient, ProxyConfig, TimedOut
+from gpu_router.transport import HttpClient, Pending, ProxyConfig, TimedOut
 
 LLAMA32 = "llama3.2:latest"
 T = 10.0
@@ -31,6 +32,13 @@ T = 10.0
 @pytest.fixture(autouse=True)
 def every_pass_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(observe, "SIDE_BY_SIDE_MAX_CALLS", 0)
+
+
+def wait_complete(pending: Pending) -> None:
+    deadline = time.monotonic() + T
+    while not pending.complete():
+        assert time.monotonic() < deadline, "no answer"
+        time.sleep(0.01)
 
 
 def wait_writable(sock_owner: object) -> None:
@@ -57,10 +65,7 @@ def test_start_can_open_a_connection_without_waiting_and_keeps_it_for_the_next_c
         pending.connected()
         assert not pending.connecting
         assert pending.events == selectors.EVENT_READ
-        deadline = time.monotonic() + T
-        while not pending.complete():
-            assert time.monotonic() < deadline, "no answer"
-            time.sleep(0.01)
+        wait_complete(pending)
         assert json.loads(pending.finish().body) == {"path": "/api/ps"}
         again = client.start("GET", "/api/tags")  # the new connection went back to the pool
         assert again is not None
@@ -117,6 +122,27 @@ def test_a_connect_past_its_deadline_times_out_connecting() -> None:
             for f in fillers:
                 f.abandon()
             client.close()
+
+
+def test_what_start_can_connect_to_without_waiting(serve: Serve, clients: Callable[..., HttpClient]) -> None:
+    backend = serve(serve_requests(lambda req: response(200, json.dumps({"path": req.target}).encode())))
+    proxy = serve(forward_proxy({"gpu-node.invalid:11434": ("127.0.0.1", backend.port)}))
+    assert clients(backend.url).selectable
+    assert not clients(backend.url.replace("127.0.0.1", "localhost")).selectable  # a name to look up
+    assert not clients("https://127.0.0.1:9").selectable  # TLS keeps bytes a selector cannot see
+    assert clients("https://127.0.0.1:9").start("GET", "/api/ps", connect=True) is None
+    # Through an HTTP proxy at an IP literal: the request goes out in absolute form, as request() sends it.
+    environ = {"HTTP_PROXY": f"http://scraper:pa55@127.0.0.1:{proxy.port}"}
+    via = clients("http://gpu-node.invalid:11434", proxies=ProxyConfig.from_environ(environ))
+    assert via.selectable
+    pending = via.start("GET", "/api/ps", connect=True)
+    assert pending is not None
+    wait_writable(pending)
+    pending.connected()
+    wait_complete(pending)
+    assert json.loads(pending.finish().body) == {"path": "/api/ps"}
+    assert proxy.requests[0].target == "http://gpu-node.invalid:11434/api/ps"
+    assert proxy.requests[0].headers["proxy-authorization"] == "Basic c2NyYXBlcjpwYTU1"
 
 
 # -------------------------------------------------------------------------------- the observer

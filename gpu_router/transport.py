@@ -825,14 +825,14 @@ class HttpClient:
         if err not in (0, errno.EINPROGRESS):
             sock.close()  # refused at once, unreachable: request() meets it again and says which
             return None
-        where = f"proxy {self._proxy.display}: " if self._proxy else ""
-        attempt = _Connecting(
-            self._build(method, path, None),
-            min(deadline, time.monotonic() + self.connect_timeout_s),
-            min(timeout, self.connect_timeout_s),
-            where,
-        )
+        attempt = _Connecting(self._build(method, path, None), *self._connect_bounds(deadline, timeout))
         return Pending(self, _Conn(sock), method, path, deadline, timeout, connect=attempt)
+
+    def _connect_bounds(self, deadline: float, timeout: float) -> tuple[float, float, str]:
+        """When a connect started now gives up, the timeout its error names, and what it goes to."""
+        by = min(deadline, time.monotonic() + self.connect_timeout_s)
+        where = f"proxy {self._proxy.display}: " if self._proxy else ""
+        return by, min(timeout, self.connect_timeout_s), where
 
     def stream_lines(
         self,
@@ -1055,10 +1055,8 @@ class HttpClient:
             raise TlsFailed(self._ssl_problem)
         if self._proxy is not None and self._proxy.unsupported:
             raise ConnectFailed(f"proxy {self._proxy.display}: {self._proxy.unsupported}")
-        cap_s = min(timeout, self.connect_timeout_s)
-        connect_deadline = min(deadline, time.monotonic() + self.connect_timeout_s)
+        connect_deadline, cap_s, where = self._connect_bounds(deadline, timeout)
         host, port = (self._proxy.host, self._proxy.port) if self._proxy else (self.host, self.port)
-        where = f"proxy {self._proxy.display}: " if self._proxy else ""
         sock = None
         try:
             addresses = self._numeric or self._resolve(host, port, connect_deadline, cap_s)

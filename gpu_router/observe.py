@@ -554,14 +554,15 @@ class Observer:
         # the other GPU sources, the shows, and what the loop cannot do without waiting (TLS, names).
         loop = None if side_by_side else Loop(self._pool)
         threaded = calls
+        # Each GPU source read in this pass (the due nodes' with I/O, not yet in ``gpus``): the exporters
+        # the loop scrapes itself, None for those read in a worker.
+        scrapes: dict[str, _Scrape | None] = {}
         if loop is not None:
+            reads = [n.name for n in self.config.nodes if n.name not in gpus]
+            scrapes = {name: _Scrape.of(name, self.gpu_sources[name]) for name in reads}
             # Only the calls that end up in threads make the switch interval matter.
             threaded = sum(not self.clients[n.name].selectable for n, _, _ in fresh)
-            threaded += sum(
-                _Scrape.of(n.name, src) is None
-                for n, _, _ in fresh
-                if not _no_io(src := self.gpu_sources[n.name])
-            )
+            threaded += sum(s is None for s in scrapes.values())
         with coarse_switching(threaded):
             try:
                 if loop is None:
@@ -593,7 +594,7 @@ class Observer:
                     self._pool.submit(fn, *(() if arg is None else (arg,)), into=carrier)
                 for n in self.config.nodes:
                     if polls.get(n.name) is not None and n.name not in gpus:
-                        scrape = _Scrape.of(n.name, self.gpu_sources[n.name]) if loop is not None else None
+                        scrape = scrapes.get(n.name)
                         if loop is not None and scrape is not None:
                             gpus[n.name] = loop.add(n.name, scrape, _one("/metrics"))
                         else:

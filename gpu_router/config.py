@@ -12,7 +12,6 @@ import os
 import pathlib
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn, cast
 from urllib.parse import urlsplit
@@ -22,6 +21,7 @@ from yaml.constructor import SafeConstructor
 
 from gpu_router.listen import is_loopback, parse_listen
 from gpu_router.memory.env import SIZING_KEYS, EnvValueError, parse_ollama_env
+from gpu_router.records import field, record, replace
 
 GpuKind = str
 """``auto`` or a row name of :data:`gpu_router.gpus.kinds.GPU_SOURCE_KINDS` (nvml, amd, exporter...)."""
@@ -47,7 +47,7 @@ EVICT_POLICIES: tuple[EvictPolicy, ...] = ("never", "idle", "any")
 _MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
+@record
 class GpuSpec:
     """How to learn a node's GPU memory: ``kind`` is ``auto`` or a GPU source kind's name."""
 
@@ -67,7 +67,7 @@ def _no_env() -> Mapping[str, EnvValue]:
     return MappingProxyType({})
 
 
-@dataclass(frozen=True)
+@record
 class NodeConfig:
     """One Ollama server. Its ``repr`` shows header names only, never their values."""
 
@@ -90,7 +90,7 @@ class NodeConfig:
         )
 
 
-@dataclass(frozen=True)
+@record
 class PriorityModel:
     """A model that should stay resident on GPU."""
 
@@ -101,7 +101,7 @@ class PriorityModel:
     pull: bool | None = None  # pull it where it is missing; None = the top-level pull_missing
 
 
-@dataclass(frozen=True)
+@record
 class Config:
     """The whole validated configuration. Built once per (re)load and never mutated."""
 
@@ -933,7 +933,7 @@ class _Walker:
         return count
 
 
-@dataclass(frozen=True)
+@record
 class _Setting:
     """One top-level scalar setting: the Config field it fills and how its YAML value is checked."""
 

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import FrameType
 
@@ -26,6 +25,7 @@ from gpu_router.observe import NodeLinks, Observer
 from gpu_router.ollama import OllamaError
 from gpu_router.planner import Action, ActionKind, Plan, is_pinned, plan, priority_on_gpu
 from gpu_router.pull import PullManager, PullResult
+from gpu_router.records import field, record
 from gpu_router.sizing import Sizer
 from gpu_router.snapshot import OptimizeTicket, Telemetry
 from gpu_router.state import ClusterState, LoadedModel, NodeState, Processor
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 7.0
 
 
-@dataclass
+@record(frozen=False)
 class _Expect:
     """What the last reconcile left in place, for the watch to compare against."""
 

@@ -15,11 +15,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from gpu_router.ollama import OllamaClient, OllamaError
 from gpu_router.planner import Action, ActionKind, is_pinned
+from gpu_router.records import record, replace
 from gpu_router.state import LoadedModel, Processor
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ PIN = -1  # keep_alive as a JSON number: negative means forever; the string "-1"
 GIVE_BACK_KEEP_ALIVE = "5m"
 
 
-@dataclass(frozen=True)
+@record
 class ActionResult:
     """What one action did."""
 

@@ -8,15 +8,15 @@ engine era and version, and where the figure came from (observed, learned, estim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from gpu_router.memory import preload_check_passes
 from gpu_router.planner import ModelPlan, Plan
+from gpu_router.records import record
 from gpu_router.state import ClusterState
 
 
-@dataclass(frozen=True)
+@record
 class NodeExplanation:
     """One node's answer for one model."""
 

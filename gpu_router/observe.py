@@ -38,7 +38,6 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from types import MappingProxyType
@@ -48,6 +47,7 @@ from gpu_router.config import Config, NodeConfig
 from gpu_router.gpus import GpuSource, make_gpu_source
 from gpu_router.gpus.static import NoGpuSource, StaticSource, UnknownSource
 from gpu_router.ollama import PS, TAGS, VERSION, NodeUnreachable, OllamaClient, OllamaError
+from gpu_router.records import field, record, replace
 from gpu_router.state import (
     ClusterState,
     GpuReading,
@@ -253,7 +253,7 @@ def _duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-@dataclass
+@record(frozen=False)
 class _Track:
     """What :class:`NodeHealth` remembers about one node."""
 
@@ -266,7 +266,7 @@ class _Track:
     last_good: NodeState | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Judged:
     """One node's state after a poll, and whether it changed."""
 
@@ -397,7 +397,7 @@ class NodeHealth:
             log.warning("node %s is degraded: %s (%s)", name, error, was)
 
 
-@dataclass
+@record(frozen=False)
 class _Polled:
     """A node's raw answers, as its worker gathered them."""
 

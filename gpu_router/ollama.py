@@ -11,11 +11,11 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from gpu_router.memory.ggml import Tensor, summarize_tensors
+from gpu_router.records import record
 from gpu_router.state import (
     InstalledModel,
     InstalledModels,
@@ -633,7 +633,7 @@ class OllamaClient:
         return PullStream(self.name, lines)
 
 
-@dataclass(frozen=True)
+@record
 class PullStatus:
     """One status line of a pull: ``digest``, ``total_bytes`` and ``completed_bytes`` while a blob comes."""
 

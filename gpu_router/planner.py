@@ -30,13 +30,13 @@ import sys
 from bisect import bisect_left, insort
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any, NamedTuple, cast
 
 from gpu_router.config import Config, PriorityModel, is_cloud_name
 from gpu_router.memory import max_loaded_models, preload_check_passes
+from gpu_router.records import field, record, replace
 from gpu_router.sizing import SizeEstimate, Sizer, SizeSource
 from gpu_router.state import MIB, ClusterState, LoadedModel, NodeState, Processor, VramSource
 from gpu_router.store import SizeKey
@@ -164,7 +164,7 @@ _FIXED_REASONS = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class Decision:
     """Where a model should run and why."""
 
@@ -183,7 +183,7 @@ class ActionKind(str, enum.Enum):
     PULL = "pull"  # not installed where it would fit: POST /api/pull (run apart from the node's sequence)
 
 
-@dataclass(frozen=True)
+@record
 class Action:
     """One request the executor sends."""
 
@@ -199,7 +199,7 @@ class Action:
     num_ctx: int | None = None  # sent as options.num_ctx (None: no options at all)
 
 
-@dataclass(frozen=True)
+@record
 class ModelPlan:
     """Everything decided about one model."""
 
@@ -225,7 +225,7 @@ class ModelPlan:
         return self.priority and self.replicas_on_gpu >= max(1, self.replicas_wanted)
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     """The result of one planning pass."""
 

@@ -18,13 +18,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from gpu_router.executor import wait_for_threads
 from gpu_router.ollama import OllamaClient, OllamaError, PullStatus, PullStream
 from gpu_router.planner import Action, ActionKind
+from gpu_router.records import record
 from gpu_router.state import GIB, MIB
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def size_label(n: int) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
 
 
-@dataclass(frozen=True)
+@record
 class PullProgress:
     """A pull in flight, as of its last status line."""
 
@@ -87,7 +87,7 @@ class PullProgress:
         }
 
 
-@dataclass(frozen=True)
+@record
 class PullResult:
     """How one pull ended."""
 

@@ -8,24 +8,23 @@ scripts (the ``--json`` contract). ``route``, ``check``, ``models`` and ``explai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
 
-from gpu_router import __version__
+from gpu_router import __version__, records
 from gpu_router.gpus.kinds import source_label
 from gpu_router.planner import ActionKind, Fit, ModelPlan, Plan, Verdict, is_pinned, priority_on_gpu
+from gpu_router.records import record
 from gpu_router.state import GIB, MIB, ClusterState
 
 Json = dict[str, Any]
 
 
-@dataclass(frozen=True)
+@record
 class GpuRow:
     """One GPU of a node."""
 
@@ -44,7 +43,7 @@ class GpuRow:
     health_reason: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class LoadedRow:
     """One /api/ps entry of a node."""
 
@@ -58,7 +57,7 @@ class LoadedRow:
     pinned: bool
 
 
-@dataclass(frozen=True)
+@record
 class NodeRow:
     """One node: its state, its GPUs, what is loaded and installed."""
 
@@ -78,7 +77,7 @@ class NodeRow:
     poll_s: float
 
 
-@dataclass(frozen=True)
+@record
 class FitRow:
     """One node's verdict on one model, with the need there."""
 
@@ -94,7 +93,7 @@ class FitRow:
     era: str | None
 
 
-@dataclass(frozen=True)
+@record
 class DecisionRow:
     """Where a model should run and why."""
 
@@ -104,7 +103,7 @@ class DecisionRow:
     reason: str
 
 
-@dataclass(frozen=True)
+@record
 class ModelRow:
     """Everything decided about one model."""
 
@@ -128,7 +127,7 @@ class ModelRow:
         return next((f for f in self.fits if f.node == node), None)
 
 
-@dataclass(frozen=True)
+@record
 class ActionRow:
     """One request acting on the plan would send."""
 
@@ -139,7 +138,7 @@ class ActionRow:
     endpoint: str
 
 
-@dataclass(frozen=True)
+@record
 class Summary:
     """The counts of the report's footer and of ``systemctl status``."""
 
@@ -150,7 +149,7 @@ class Summary:
     priority_models_on_gpu: int
 
 
-@dataclass(frozen=True)
+@record
 class Report:
     """The whole report, typed."""
 
@@ -198,7 +197,7 @@ def to_json(row: object) -> Json:
 
 _ATOMS = frozenset({str, int, float, bool, type(None)})
 _PRIORITY_ONLY = frozenset({"replicas_wanted", "replicas_on_gpu"})
-# Field names per record class, looked up once: dataclasses.fields() on every record was most of
+# Field names per record class, looked up once: fields() on every record was most of
 # the time a 500-node report took to print (6,000 verdict rows).
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
@@ -209,13 +208,13 @@ def _to_json(value: object) -> object:
         return value
     names = _FIELD_NAMES.get(cls)
     if names is None:
-        if not dataclasses.is_dataclass(cls):
+        if not records.is_record(cls):
             if isinstance(value, tuple):
                 return [_to_json(v) for v in value]
             if isinstance(value, datetime):
                 return value.isoformat()
             return value
-        names = _FIELD_NAMES.setdefault(cls, tuple(f.name for f in dataclasses.fields(cls)))
+        names = _FIELD_NAMES.setdefault(cls, tuple(f.name for f in records.fields(cls)))
     out = {}
     for name in names:
         v = getattr(value, name)
@@ -236,16 +235,16 @@ def _from_json(hint: Any, data: object) -> object:
         if not isinstance(data, list):
             raise TypeError(f"expected a list, got {type(data).__name__}")
         return tuple(_from_json(args[0], v) for v in data)
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+    if records.is_record(hint) and isinstance(hint, type):
         if not isinstance(data, dict):
             raise TypeError(f"expected an object for {hint.__name__}, got {type(data).__name__}")
         hints = typing.get_type_hints(hint)
-        fields = {f.name: f for f in dataclasses.fields(hint)}
+        fields = {f.name: f for f in records.fields(hint)}
         kwargs = {}
         for name, f in fields.items():
             if name in data:
                 kwargs[name] = _from_json(hints[name], data[name])
-            elif f.default is dataclasses.MISSING:
+            elif f.default is records.MISSING:
                 raise KeyError(f"{hint.__name__}.{name}")
         return hint(**kwargs)
     if hint is datetime:
@@ -393,7 +392,7 @@ def gib(n: int | None) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-@dataclass(frozen=True)
+@record
 class Table:
     """A titled table of strings, rendered by rich or as plain text."""
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from gpu_router.config import Config, NodeConfig
 from gpu_router.memory import (
@@ -32,6 +31,7 @@ from gpu_router.memory import (
     parse_ollama_env,
 )
 from gpu_router.memory.version import Era
+from gpu_router.records import record
 from gpu_router.state import (
     MIB,
     ClusterState,
@@ -63,7 +63,7 @@ class SizeSource(str, enum.Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
+@record
 class SizeEstimate:
     """VRAM a model needs on one node, where that figure came from, and the estimate behind it."""
 

@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from types import MappingProxyType
@@ -24,6 +23,7 @@ from gpu_router.config import Config
 from gpu_router.executor import ActionResult
 from gpu_router.planner import Action, ActionKind, Placement, Plan
 from gpu_router.pull import PullProgress
+from gpu_router.records import field, record, replace
 from gpu_router.report import Json, Report, build_report
 from gpu_router.state import ClusterState, Gpu, NodeState, Processor
 
@@ -42,7 +42,7 @@ def node_state_name(status: str) -> str:
     return "degraded" if status == "error" else status
 
 
-@dataclass(frozen=True)
+@record
 class GpuHealth:
     """A GPU's utilization, temperature and health, where its source reports them."""
 
@@ -87,7 +87,7 @@ def poll_error_reason(status: str, message: str) -> str:
 # --------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True)
+@record
 class ActionRecord:
     """One action the daemon started, and how it ended (``result`` is ``in_flight`` until then)."""
 
@@ -116,7 +116,7 @@ class ActionRecord:
         }
 
 
-@dataclass(frozen=True)
+@record
 class BackoffRecord:
     """A (model, node) pair the daemon will not try again before ``until``."""
 
@@ -126,7 +126,7 @@ class BackoffRecord:
     until: datetime
 
 
-@dataclass(frozen=True)
+@record
 class RouteTarget:
     """A node a request for a model can go to."""
 
@@ -147,7 +147,7 @@ class RouteTarget:
         }
 
 
-@dataclass(frozen=True)
+@record
 class Route:
     """Where requests for one model should go now: replicas fully on GPU (least loaded first), or the plan."""
 
@@ -218,7 +218,7 @@ def _no_pulls() -> tuple[PullProgress, ...]:
 _DERIVED = ("every_model", "report", "routes")  # the cached properties that depend on state and plan only
 
 
-@dataclass(frozen=True)
+@record
 class DaemonSnapshot:
     """Everything served, as of the last reconcile or action result. Never mutated; replaced whole."""
 

@@ -7,12 +7,12 @@ means *unknown*, never zero: a GPU whose free memory could not be read is not a 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar, overload
 
 from gpu_router.enums import NodeStatus, Processor, VramSource
+from gpu_router.records import field, record
 
 __all__ = [
     "GIB",
@@ -71,7 +71,7 @@ class _memo(Generic[T]):
         return value
 
 
-@dataclass(frozen=True)
+@record
 class Gpu:
     """One GPU as its source saw it.
 
@@ -101,7 +101,7 @@ class Gpu:
         return self.uuid or f"index:{self.index}"
 
 
-@dataclass(frozen=True)
+@record
 class GpuReading:
     """The result of asking one GPU source about one node.
 
@@ -120,7 +120,7 @@ class GpuReading:
         return sum(g.total_bytes for g in self.gpus)
 
 
-@dataclass(frozen=True)
+@record
 class LoadedModel:
     """One entry of ``/api/ps``."""
 
@@ -154,7 +154,7 @@ class LoadedModel:
         return f"{cpu}%/{100 - cpu}% CPU/GPU"
 
 
-@dataclass(frozen=True)
+@record
 class InstalledModel:
     """One entry of ``/api/tags``: a model on the node's disk."""
 
@@ -185,7 +185,7 @@ class InstalledModels(tuple[InstalledModel, ...]):
         return frozenset(m.name for m in self if m.remote)
 
 
-@dataclass(frozen=True)
+@record
 class TensorSummary:
     """A model's ``/api/show`` ``tensors`` reduced to byte sizes per layer group.
 
@@ -238,7 +238,7 @@ class TensorSummary:
         return sum(self.unknown_block_elements) + self.unknown_other_elements
 
 
-@dataclass(frozen=True)
+@record
 class VisionInfo:
     """The ``<arch>.vision.*`` keys ``VisionGraphSize`` reads, for models with the encoder inline."""
 
@@ -252,7 +252,7 @@ class VisionInfo:
     max_num_tiles: int = 0  # mllama
 
 
-@dataclass(frozen=True)
+@record
 class ProjectorInfo:
     """``/api/show`` ``projector_info``: a separate projector file (llava-style models)."""
 
@@ -261,7 +261,7 @@ class ProjectorInfo:
     architecture: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class SsmInfo:
     """State-space (recurrent) layer sizes: ``<arch>.ssm.*``."""
 
@@ -271,7 +271,7 @@ class SsmInfo:
     group_count: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class ModelInfo:
     """What ``/api/show`` says about a model, reduced to what sizing and loading need.
 
@@ -331,7 +331,7 @@ def _empty_info() -> Mapping[str, ModelInfo]:
     return MappingProxyType({})
 
 
-@dataclass(frozen=True)
+@record
 class NodeState:
     """Everything observed about one Ollama node in one poll."""
 
@@ -386,7 +386,7 @@ class NodeState:
         return self.installed_by_name.get(name)
 
 
-@dataclass(frozen=True)
+@record
 class ClusterState:
     """One observation of the whole cluster."""
 

@@ -13,7 +13,6 @@ parsing problem logged and the file rebuilt. Nothing here is ever fatal.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -23,11 +22,12 @@ import threading
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpu_router import records
 from gpu_router.config import Config, default_state_dir
+from gpu_router.records import record
 from gpu_router.state import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ FORMAT_VERSION = 2
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024  # far above what hundreds of models need
 
 
-@dataclass(frozen=True, order=True)
+@record(order=True)
 class SizeKey:
     """Everything an observed size depends on: the same key, the same size."""
 
@@ -203,7 +203,7 @@ class SizeStore:
         with self._lock:
             if not self._dirty:
                 return True
-            entries = [{**dataclasses.asdict(k), "size_bytes": v} for k, v in sorted(self.sizes.items())]
+            entries = [{**records.asdict(k), "size_bytes": v} for k, v in sorted(self.sizes.items())]
         ok = write_atomically(self.path, {"version": FORMAT_VERSION, "sizes": entries}, "learned sizes")
         if ok:
             self._dirty = False
@@ -233,7 +233,7 @@ def _schema(cls: type = ModelInfo) -> str:
     """Changes when the fields of ModelInfo or of its parts change: a cache of another version is dropped."""
     parts = []
     for name, hint in _field_types(cls).items():
-        nested = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
+        nested = [a for a in (hint, *typing.get_args(hint)) if records.is_record(a)]
         inner = "".join(f"{{{_schema(a)}}}" for a in nested if isinstance(a, type))
         parts.append(f"{name}:{hint}{inner}")
     return ",".join(parts)
@@ -247,7 +247,7 @@ def _to_tuples(value: object) -> object:
 
 def info_to_json(info: ModelInfo) -> dict[str, Any]:
     """A ModelInfo as JSON-ready data (tuples become lists, its parts nested objects)."""
-    return dataclasses.asdict(info)
+    return records.asdict(info)
 
 
 class _Unfit(Exception):
@@ -276,8 +276,8 @@ def _decode(value: object, hint: Any) -> object:
         if len(args) != len(value):
             raise _Unfit
         return tuple(_decode(v, a) for v, a in zip(value, args, strict=True))
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        # ModelInfo's parts (tensor summary, vision, projector, SSM sizes) are frozen dataclasses too.
+    if isinstance(hint, type) and records.is_record(hint):
+        # ModelInfo's parts (tensor summary, vision, projector, SSM sizes) are records too.
         if not isinstance(value, dict):
             raise _Unfit
         return _build(hint, value)

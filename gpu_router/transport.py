@@ -41,12 +41,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from gpu_router import httpread
+from gpu_router.records import field, record
 
 if TYPE_CHECKING:
     import socket
@@ -155,7 +155,7 @@ class InvalidResponse(TransportError):
 # Proxies
 
 
-@dataclass(frozen=True)
+@record
 class Proxy:
     """One proxy: where it is, how it is shown (never with credentials), and whether it can be used."""
 
@@ -166,7 +166,7 @@ class Proxy:
     unsupported: str = ""  # why this proxy cannot be used, if it cannot
 
 
-@dataclass(frozen=True)
+@record
 class ProxyConfig:
     """Proxy settings from ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``/``NO_PROXY`` (lower case wins).
 
@@ -300,7 +300,7 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
 # Responses
 
 
-@dataclass(frozen=True)
+@record
 class Response:
     """A complete response: ``headers`` names are lower case; ``body`` is decoded (gzip/deflate undone)."""
 

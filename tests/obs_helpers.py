@@ -1,4 +1,4 @@
-"""Helpers for the observability tests: GPUs with health fields, parsing a scrape, plain HTTP calls."""
+"""Helpers for the observability tests: parsing a scrape, plain HTTP calls."""
 
 from __future__ import annotations
 
@@ -9,19 +9,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpu_router.state import Gpu
-
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@dataclass(frozen=True)
-class HealthGpu(Gpu):
-    """A Gpu carrying the health fields the GPU sources add (faked here, as the brief asks)."""
-
-    utilization_ratio: float | None = None
-    temperature_c: float | None = None
-    healthy: bool = True
-    health_reason: str = ""
 
 
 def parse_metrics(text: str) -> Samples:

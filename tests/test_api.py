@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 import pytest
 from builders import cluster, config, gib, loaded, needs, node
-from obs_helpers import HealthGpu, parse_metrics, request, sample
+from obs_helpers import parse_metrics, request, sample
 
 from gpu_router.api import ApiServer
 from gpu_router.config import Config, GpuSpec, NodeConfig, PriorityModel
@@ -29,7 +29,7 @@ from gpu_router.observe import observe_once
 from gpu_router.planner import plan
 from gpu_router.report import build_report
 from gpu_router.snapshot import Telemetry
-from gpu_router.state import ClusterState, GpuReading, NodeStatus, VramSource
+from gpu_router.state import ClusterState, Gpu, GpuReading, NodeStatus, VramSource
 
 LLAMA = "llama3.2:latest"
 EMBED = "nomic-embed-text:latest"
@@ -52,7 +52,7 @@ class FakeClock:
 def with_util(n, *utils: float):  # type: ignore[no-untyped-def]
     """The node with its GPUs' utilization set (the health fields are faked, see obs_helpers)."""
     gpus = tuple(
-        HealthGpu(g.index, g.name, g.total_bytes, g.used_bytes, g.free_bytes, utilization_ratio=u)
+        Gpu(g.index, g.name, g.total_bytes, g.used_bytes, g.free_bytes, utilization_ratio=u)
         for g, u in zip(n.gpu.gpus, utils, strict=True)
     )
     return replace(n, gpu=GpuReading(VramSource.NVML, gpus))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from builders import NOW, cluster, config, gib, loaded, needs, node
-from obs_helpers import HealthGpu, parse_metrics, sample, series
+from obs_helpers import parse_metrics, sample, series
 from prometheus_client import generate_latest
 
 from gpu_router import __version__
@@ -36,7 +36,7 @@ from gpu_router.snapshot import (
     poll_error_reason,
     static_snapshot,
 )
-from gpu_router.state import GpuReading, NodeStatus, VramSource
+from gpu_router.state import Gpu, GpuReading, NodeStatus, VramSource
 
 LLAMA = "llama3.2:latest"
 EMBED = "nomic-embed-text:latest"
@@ -183,8 +183,8 @@ def test_node_state_names() -> None:
 
 def test_gpu_utilization_temperature_and_health_where_the_source_has_them() -> None:
     gpus = (
-        HealthGpu(0, "A", gib(8), gib(1), gib(7), utilization_ratio=0.25, temperature_c=61.0),
-        HealthGpu(
+        Gpu(0, "A", gib(8), gib(1), gib(7), utilization_ratio=0.25, temperature_c=61.0),
+        Gpu(
             1, "A", gib(8), gib(1), gib(7), healthy=False, health_reason="XID 79: GPU has fallen off the bus"
         ),
     )

@@ -12,14 +12,14 @@ on the "more bits" layers, the output layer is Q6_K, norms and biases stay F32.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gpu_router.emulator.ggml import Tensor
+from gpu_router.records import record
 
 _Adder = Callable[..., None]  # t(name, type, *shape)
 
 
-@dataclass(frozen=True)
+@record
 class Arch:
     """The shape of a transformer, enough to list its tensors."""
 
@@ -54,7 +54,7 @@ class Arch:
     vision: Vision | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Vision:
     """A vision tower stored inside the model's GGUF (``v.*`` and ``mm.*`` tensors, F16)."""
 

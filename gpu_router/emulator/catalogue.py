@@ -24,12 +24,12 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from gpu_router.emulator.archs import Arch, Vision, build_tensors, uniform
 from gpu_router.emulator.ggml import LayerSizes, Tensor, layer_sizes, tensors_from_json
+from gpu_router.records import record
 from gpu_router.state import MIB
 
 # ml/device.go MinimumMemory for CUDA/ROCm: reserved per GPU before any layer is placed.
@@ -84,7 +84,7 @@ def packaged_show(name: str) -> Mapping[str, Any]:
     return body
 
 
-@dataclass(frozen=True)
+@record
 class ModelSpec:
     """One installed model: what ``/api/tags`` and ``/api/show`` say about it."""
 
@@ -878,7 +878,7 @@ def resolve_model(model: str | ModelSpec) -> ModelSpec:
     return spec
 
 
-@dataclass(frozen=True)
+@record
 class MemoryEstimate:
     """Ollama's classic (<= v0.12.10) estimate of what a model takes when loaded at ``num_ctx``."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from gpu_router.emulator.catalogue import ModelSpec, show_parameters
 from gpu_router.memory import (
@@ -24,10 +23,11 @@ from gpu_router.memory import (
 )
 from gpu_router.memory.env import SIZING_KEYS
 from gpu_router.ollama import BadResponse, parse_show
+from gpu_router.records import record
 from gpu_router.state import ModelInfo
 
 
-@dataclass(frozen=True)
+@record
 class NodeFacts:
     """What the engine needs to know about a node, hashable for the cache."""
 
@@ -42,7 +42,7 @@ class NodeFacts:
         return cls(version, gpu_total_bytes, tuple((k, v) for k, v in items if k in SIZING_KEYS))
 
 
-@dataclass(frozen=True)
+@record
 class EngineView:
     """The engine's answer for one model on one node at one context and slot count."""
 

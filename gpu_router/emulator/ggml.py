@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from gpu_router.memory.ggml import layer_group, tensor_bytes
+from gpu_router.records import record
 
 _BLK = re.compile(r"^blk\.(\d+)$")
 
 
-@dataclass(frozen=True)
+@record
 class Tensor:
     """One tensor as ``/api/show`` lists it: name, ggml type name and shape (elements per dimension)."""
 
@@ -62,7 +62,7 @@ def group_layers(tensors: Iterable[Tensor]) -> dict[str, int]:
     return groups
 
 
-@dataclass(frozen=True)
+@record
 class LayerSizes:
     """A model's weights split the way the memory estimators see them."""
 

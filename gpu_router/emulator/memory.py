@@ -30,11 +30,11 @@ Eras, by what ``/api/ps`` ``size``/``size_vram`` mean:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from gpu_router.emulator.catalogue import GPU_MINIMUM_BYTES, ModelSpec
 from gpu_router.emulator.engine import EngineView
 from gpu_router.memory import estimate_gpu_layers
+from gpu_router.records import field, record
 from gpu_router.state import GIB, MIB
 
 CLASSIC = "classic"
@@ -55,7 +55,7 @@ LLAMA_SERVER_RAM_OOM = (
 )
 
 
-@dataclass(frozen=True)
+@record
 class GpuView:
     """One GPU as the scheduler sees it when placing a model."""
 
@@ -64,7 +64,7 @@ class GpuView:
     free_bytes: int
 
 
-@dataclass(frozen=True)
+@record
 class LoadShape:
     """A load request after the scheduler applied the version's rules."""
 
@@ -84,7 +84,7 @@ class LoadShape:
         return min(self.num_ctx, trained) if trained > 0 and self.clamp_to_trained else self.num_ctx
 
 
-@dataclass(frozen=True)
+@record
 class Allocation:
     """What the runner holds: per-GPU bytes, the ``/api/ps`` size, layers placed."""
 
@@ -104,7 +104,7 @@ class Allocation:
         return self.layers_total > 0 and self.layers_on_gpu >= self.layers_total
 
 
-@dataclass(frozen=True)
+@record
 class Outcome:
     """:func:`allocate`'s answer: an allocation, or "evict something first", or a load error."""
 

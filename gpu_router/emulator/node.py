@@ -27,7 +27,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any
@@ -84,6 +83,7 @@ from gpu_router.emulator.wire import (
     parse_go_duration,
     parse_keep_alive,
 )
+from gpu_router.records import field, record
 from gpu_router.state import GIB, MIB
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ _DEFAULT_PATHS: dict[Fault, frozenset[str]] = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class RecordedRequest:
     """One HTTP request the node received (recorded before any fault is applied)."""
 
@@ -205,7 +205,7 @@ class RecordedRequest:
     at_monotonic_s: float
 
 
-@dataclass(frozen=True)
+@record
 class SchedulerEvent:
     """Something the scheduler did.
 
@@ -235,7 +235,7 @@ class _ApiError(Exception):
         self.message = message
 
 
-@dataclass
+@record(frozen=False)
 class _FaultRule:
     fault: Fault
     paths: frozenset[str] | None
@@ -252,7 +252,7 @@ class _FaultRule:
         return self.paths is None or path in self.paths
 
 
-@dataclass(frozen=True)
+@record
 class _Placement:
     vram_by_gpu: dict[int, int]
     size_bytes: int
@@ -262,7 +262,7 @@ class _Placement:
     num_ctx_auto: bool
 
 
-@dataclass
+@record(frozen=False)
 class _Runner:
     """A loaded (or loading) model. Mutable; guarded by the node's state lock."""
 
@@ -300,13 +300,13 @@ class _Runner:
             self.expires_wall_ns = now_wall_ns + int(self.session_s * 1e9)
 
 
-@dataclass
+@record(frozen=False)
 class _Installed:
     spec: ModelSpec
     modified_wall_ns: int
 
 
-@dataclass
+@record(frozen=False)
 class _Hook:
     path: str
     callback: Callable[[EmulatedNode], object]

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from gpu_router.emulator.catalogue import ModelSpec
+from gpu_router.records import record
 
 PROGRESS_INTERVAL_S = 0.06  # blobDownload.Wait ticker
 MODELS_DIR = "/usr/share/ollama/.ollama/models"  # the Linux service's OLLAMA_MODELS
@@ -29,7 +29,7 @@ PULL_STALL = "stall"  # stop sending half-way, keep the connection, resume when 
 PULL_NO_SPACE = "no_space"  # the blob write fails with ENOSPC
 
 
-@dataclass(frozen=True)
+@record
 class Layer:
     """One blob of a model's manifest."""
 

@@ -11,12 +11,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from gpu_router.emulator.catalogue import EmulatorError
+from gpu_router.records import field, record
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ TEXT = "text/plain; charset=utf-8"
 _DRIP_TICK_S = 0.05
 
 
-@dataclass(frozen=True)
+@record
 class Reply:
     """One HTTP response. ``stream`` (when set) is sent instead of ``body``, as it is produced."""
 
@@ -271,7 +271,7 @@ def _chunks(pieces: Iterable[bytes]) -> Iterator[bytes]:
     yield b"0\r\n\r\n"
 
 
-@dataclass
+@record(frozen=False)
 class Listener:
     """One loopback listening socket that can close and reopen on the same port."""
 

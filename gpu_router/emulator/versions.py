@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from gpu_router.emulator.catalogue import EmulatorError, ModelSpec
 from gpu_router.emulator.memory import CLASSIC, LLAMA_SERVER, MEASURED
 from gpu_router.memory.env import SIZING_KEYS
+from gpu_router.records import record
 from gpu_router.state import GIB
 
 KNOWN_ENV = (*SIZING_KEYS, "OLLAMA_KEEP_ALIVE", "OLLAMA_MAX_QUEUE", "OLLAMA_NEW_ENGINE")
 
 
-@dataclass(frozen=True, order=True)
+@record(order=True)
 class Version:
     """An Ollama release number; a pre-release (``0.30.0-rc21``) counts as its release."""
 
@@ -67,7 +67,7 @@ def _uint(name: str, raw: str) -> int:
     return value
 
 
-@dataclass(frozen=True)
+@record
 class OllamaEnv:
     """The ``OLLAMA_*`` settings the emulator honours (``envconfig/config.go``); 0/None = unset."""
 
@@ -152,7 +152,7 @@ def _by_version(table: _Growth, version: Version) -> frozenset[str]:
     return frozenset(current)
 
 
-@dataclass(frozen=True)
+@record
 class Behaviour:
     """One emulated ``ollama serve``: its version, environment and GPUs (total bytes each)."""
 

@@ -21,12 +21,12 @@ import logging
 import os
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_router.gpus.health import HealthTracker
 from gpu_router.gpus.kinds import AMD_SYSFS_LABEL
 from gpu_router.gpus.scrape import celsius
+from gpu_router.records import record
 from gpu_router.state import GIB, Gpu, GpuReading, VramSource
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _optional_text(path: Path) -> str:
         return ""
 
 
-@dataclass(frozen=True)
+@record
 class _Card:
     """One DRM card of AMD's, found before any of its memory files is read."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from gpu_router.gpus.exporter_amd import (
@@ -23,6 +22,7 @@ from gpu_router.gpus.exporter_amd import (
 from gpu_router.gpus.exporter_nvidia import DCGM_LABEL, NVIDIA_SMI_LABEL, interpret_dcgm, interpret_nvidia_smi
 from gpu_router.gpus.health import HealthTracker
 from gpu_router.gpus.scrape import ExporterMatch, Sample, parse_prometheus_text
+from gpu_router.records import record
 from gpu_router.state import MIB, GpuReading, VramSource
 from gpu_router.transport import HttpClient, Pending, Response, TransportError
 
@@ -34,7 +34,7 @@ MAX_BODY_BYTES = 4 * MIB
 _ACCEPT = "text/plain;version=0.0.4;q=0.9, */*;q=0.1"
 
 
-@dataclass(frozen=True)
+@record
 class ExporterKind:
     """One exporter the router understands: its report label, its interpreter, the families it looks for."""
 

@@ -9,13 +9,12 @@ module remembers each GPU's last figures (by UUID, else index) and keeps the GPU
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
+from gpu_router.records import record, replace
 from gpu_router.state import Gpu
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_XID_HOLD_S = 600.0
 
 
-@dataclass(frozen=True)
+@record
 class XidSignal:
     """What an exporter says about one GPU's XID errors; None where a figure is not exported.
 
@@ -86,7 +85,7 @@ class HealthTracker:
                     until, reason = held
                     if now < until:
                         if gpu.healthy:
-                            gpu = dataclasses.replace(gpu, healthy=False, health_reason=reason)
+                            gpu = replace(gpu, healthy=False, health_reason=reason)
                     else:
                         del self._xid_until[key]
                 self._log_change(gpu)

@@ -8,10 +8,10 @@ which ones ``auto`` tries on this machine) and the report (the SOURCE label) all
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from gpu_router.enums import VramSource
+from gpu_router.records import record
 
 if TYPE_CHECKING:  # config imports this module at parse time; a runtime import back would be a cycle
     from gpu_router.config import GpuSpec
@@ -27,7 +27,7 @@ ConfigValue = Literal["word", "url", "mib"]
 Builder = Callable[["GpuSpec", float], "GpuSource"]
 
 
-@dataclass(frozen=True)
+@record
 class GpuSourceKind:
     """One row of the table."""
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gpu_router.gpus.health import XidSignal
+from gpu_router.records import field, record
 from gpu_router.state import Gpu
 
 # DCGM_FT_INT64_BLANK (0x7ffffffffffffff0) and its neighbours up to 0x...f3 mark missing values.
@@ -22,7 +22,7 @@ DCGM_SENTINEL_MIN = 9223372036854775792
 _SENTINEL_FLOAT = float(DCGM_SENTINEL_MIN)
 
 
-@dataclass(frozen=True)
+@record
 class Sample:
     """One line of Prometheus text exposition."""
 
@@ -190,7 +190,7 @@ def int_label(value: str | None) -> int | None:
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None
 
 
-@dataclass
+@record(frozen=False)
 class GpuFigures:
     """Figures gathered for one GPU while walking the samples (memory in bytes)."""
 
@@ -224,7 +224,7 @@ class GpuFigures:
         return next(iter(self.temperatures_c.values()), None)
 
 
-@dataclass(frozen=True)
+@record
 class ExporterMatch:
     """What one exporter kind made of a scrape.
 

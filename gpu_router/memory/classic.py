@@ -10,8 +10,8 @@ VRAMSize: reproducing it reproduces what those nodes reported.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from gpu_router.records import record
 from gpu_router.state import MIB
 
 # The per-GPU minimum (ml/device.go@v0.12.10 MinimumMemory; discover/gpu.go@v0.11.6
@@ -26,7 +26,7 @@ def minimum_memory(library: str) -> int:
     return METAL_MINIMUM_BYTES if library.lower() == "metal" else CUDA_MINIMUM_BYTES
 
 
-@dataclass(frozen=True)
+@record
 class ClassicInputs:
     """What ``estimateGPULayers`` works with, already computed from the model."""
 
@@ -42,7 +42,7 @@ class ClassicInputs:
     metal: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class GpuLayers:
     """``MemoryEstimate``: how many layers go to GPUs, and the sizes ``/api/ps`` then shows."""
 

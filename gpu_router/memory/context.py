@@ -11,10 +11,10 @@ summed VRAM less OLLAMA_GPU_OVERHEAD per GPU: >= 47 GiB -> 262144, >= 23 GiB -> 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from gpu_router.memory.env import OllamaEnv
 from gpu_router.memory.version import SINGLE_SLOT_FAMILIES, Version, VersionFacts, format_version
+from gpu_router.records import record
 from gpu_router.state import GIB, ModelInfo
 
 CONTEXT_ENV_SINCE: Version = (0, 5, 13)  # 314573bfe: OLLAMA_CONTEXT_LENGTH is read
@@ -31,7 +31,7 @@ PARALLEL_TWO_SINCE: Version = (0, 6, 7)  # fe5b9bb21 "lower default num parallel
 CONCURRENCY_SINCE: Version = (0, 2, 0)  # 17b7186cd "Enable concurrency by default"
 
 
-@dataclass(frozen=True)
+@record
 class ContextChoice:
     """The context and slots a model will run with on a node, with the reasons in words."""
 

@@ -18,8 +18,6 @@ Every estimate keeps ``need_bytes == weights + kv + graph + projector + reserve 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 from gpu_router.memory import cache, classic
 from gpu_router.memory.context import ContextChoice, resolve_context
 from gpu_router.memory.env import KV_CACHE_TYPES_GO, OllamaEnv
@@ -36,6 +34,7 @@ from gpu_router.memory.version import (
     format_version,
     ollama_engine_runs,
 )
+from gpu_router.records import record, replace
 from gpu_router.state import GIB, MIB, ModelInfo
 
 NUM_BATCH = 512  # api.DefaultOptions NumBatch
@@ -46,7 +45,7 @@ MMPROJ_OFFLOAD_LIMIT_BYTES = 10 * GIB
 DEFAULT_MODELS_PER_GPU = 3  # server/sched.go defaultModelsPerGPU
 
 
-@dataclass(frozen=True)
+@record
 class NodeProfile:
     """What decides a model's memory on one node: its Ollama version, its GPUs and its settings."""
 
@@ -56,7 +55,7 @@ class NodeProfile:
     library: str = "cuda"  # "cuda", "rocm" or "metal": the per-GPU minimum differs on Metal
 
 
-@dataclass(frozen=True)
+@record
 class MemoryEstimate:
     """One model on one node: the parts of its VRAM, the need, and what ``/api/ps`` will show."""
 
@@ -167,7 +166,7 @@ def _go_kv_type(shape: Shape, v: Version, env: OllamaEnv, flash: bool) -> tuple[
     return requested, None
 
 
-@dataclass(frozen=True)
+@record
 class _Parts:
     engine: str
     weights: int

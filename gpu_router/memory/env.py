@@ -11,7 +11,8 @@ typed it for us, and sizing with a value Ollama ignores would size the wrong mod
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+from gpu_router.records import record
 
 # The settings that change how much memory a model takes, or how many models a node keeps.
 SIZING_KEYS: tuple[str, ...] = (
@@ -42,7 +43,7 @@ class EnvValueError(ValueError):
         self.message = message
 
 
-@dataclass(frozen=True)
+@record
 class OllamaEnv:
     """The sizing-relevant ``OLLAMA_*`` settings of one node; None = unset = Ollama's default."""
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
+from gpu_router.records import record
 from gpu_router.state import TensorSummary
 
 # GGML type id -> (name, elements per block, bytes per block). fs/ggml/type.go@v0.20.0 numbers the
@@ -113,7 +113,7 @@ def block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-@dataclass(frozen=True)
+@record
 class Tensor:
     """One entry of ``/api/show`` ``tensors``, reduced to what sizing needs."""
 

@@ -16,10 +16,9 @@ Go computes in uint64 left to right; ``//`` on non-negative ints reproduces it e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from gpu_router.memory.shapes import Shape
 from gpu_router.memory.version import Version
+from gpu_router.records import record
 from gpu_router.state import MIB, ModelInfo
 
 # fs/ggml/ggml.go@v0.12.10 kvCacheBytesPerElement: the classic estimator's rounded sizes.
@@ -31,7 +30,7 @@ def classic_kv_bytes(kv_type: str) -> float:
     return CLASSIC_KV_BYTES.get(kv_type, 2.0)
 
 
-@dataclass(frozen=True)
+@record
 class Graph:
     """GraphSize's answer: KV per layer, and the partial/full-offload graph (0 = no case)."""
 

@@ -7,9 +7,9 @@ there is into the numbers ``fs/ggml/ggml.go`` works with, and says what it had t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
+from gpu_router.records import record
 from gpu_router.state import ModelInfo
 
 # A model whose tensors add up to more than this far from its file is another quantisation of the
@@ -38,7 +38,7 @@ def projector_file_bytes(info: ModelInfo) -> int:
     return int(p.parameter_count * _bytes_per_param(p.file_type))
 
 
-@dataclass(frozen=True)
+@record
 class Shape:
     """Everything the estimators read about a model, with per-layer tuples of length ``layers``."""
 

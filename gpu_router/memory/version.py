@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+
+from gpu_router.records import record
 
 Version = tuple[int, int, int]
 
@@ -181,7 +182,7 @@ def flash_attention_default(arch: str, v: Version) -> bool:
     return v >= FLASH_DEFAULT_HONOURED_SINCE and _since(_FLASH_DEFAULT_SINCE, arch, v)
 
 
-@dataclass(frozen=True)
+@record
 class VersionFacts:
     """What one Ollama version does, as far as sizing goes."""
 

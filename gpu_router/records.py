@@ -170,7 +170,8 @@ def _build(cls: type, frozen: bool, order: bool) -> None:
             type.__setattr__(cls, name, guard)
     if "__init__" not in own:
         type.__setattr__(cls, "__init__", _generic_init)
-    type.__setattr__(cls, "__match_args__", spec.names)
+    if "__match_args__" not in own:
+        type.__setattr__(cls, "__match_args__", spec.names)
     type.__setattr__(cls, "__record_spec__", spec)
     type.__setattr__(cls, "__dataclass_fields__", _DataclassFields(spec))
 

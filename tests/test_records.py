@@ -22,17 +22,24 @@ class Pair(NamedTuple):
     high: int
 
 
-@record(order=True)
-class Rec:
-    """The record side of the parity pairs."""
+def make_rec() -> Any:
+    """A new record class, the record side of the parity pairs (a new one starts generic)."""
 
-    count: int
-    name: str
-    ratio: float = 0.5
-    tags: tuple[str, ...] = ()
-    extra: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
-    weight: float = field(default=1.0, hash=False)
-    limit: ClassVar[int] = 7
+    @record(order=True)
+    class Rec:
+        count: int
+        name: str
+        ratio: float = 0.5
+        tags: tuple[str, ...] = ()
+        extra: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+        weight: float = field(default=1.0, hash=False)
+        limit: ClassVar[int] = 7
+
+    Rec.__qualname__ = "Rec"  # as the module-level one, which pickle finds by that name
+    return Rec
+
+
+Rec = make_rec()
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -71,23 +78,13 @@ values = st.fixed_dictionaries(
 
 @pytest.fixture(params=["generic", "compiled"])
 def made(request: pytest.FixtureRequest) -> type:
-    """A fresh copy of the record class, with the generic or the compiled __init__."""
-
-    @record(order=True)
-    class Rec:
-        count: int
-        name: str
-        ratio: float = 0.5
-        tags: tuple[str, ...] = ()
-        extra: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
-        weight: float = field(default=1.0, hash=False)
-
-    return compiled(Rec) if request.param == "compiled" else Rec
+    """A new record class, with its generic or its compiled methods."""
+    return compiled(make_rec()) if request.param == "compiled" else make_rec()
 
 
 @given(a=values, b=values)
 def test_equality_hash_order_and_repr_match_the_dataclass(a: dict[str, Any], b: dict[str, Any]) -> None:
-    for cls in (Rec, compiled(Rec)):
+    for cls in (make_rec(), compiled(make_rec())):
         r1, r2, d1, d2 = cls(**a), cls(**b), RecDc(**a), RecDc(**b)
         assert (r1 == r2) == (d1 == d2)
         assert (r1 != r2) == (d1 != d2)

@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn, cast
@@ -271,8 +272,27 @@ def _join(parent: str, child: str) -> str:
     return f"{parent}.{child}" if parent else child
 
 
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
+# YAML also ends a line at a lone CR, NEL, LS and PS; editors, grep and sed end one at LF alone.
+_YAML_ONLY_BREAK = re.compile("\r(?!\n)|[\x85\u2028\u2029]")
+
+
+class _Lines:
+    """1-based line numbers of YAML marks, counted as editors, grep and sed count them (at LF).
+
+    YAML's own numbers run ahead of the file's after a lone CR (a classic-Mac line end) or a NEL, LS
+    or PS (U+0085 is what a Windows-1252 ellipsis becomes when mis-decoded); a file without them
+    keeps YAML's numbers, which are then the same.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._lfs: list[int] | None = None
+        if _YAML_ONLY_BREAK.search(text):
+            self._lfs = [m.start() for m in re.finditer("\n", text)]
+
+    def of(self, mark: yaml.Mark) -> int:
+        if self._lfs is None:
+            return int(mark.line) + 1
+        return bisect_left(self._lfs, mark.index) + 1  # the LFs before the mark, plus one
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -308,15 +328,19 @@ def _quoted_number(node: yaml.Node) -> bool:
 class _Walker:
     """Turns a composed YAML tree into a Config, raising ConfigError at the first problem."""
 
-    def __init__(self, path: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, path: str, environ: Mapping[str, str], lines: _Lines) -> None:
         self.path = path
         self.environ = environ
+        self.lines = lines
         self._constructor = SafeConstructor()
+
+    def _line(self, node: yaml.Node) -> int:
+        return self.lines.of(node.start_mark)
 
     # ----------------------------------------------------------------- errors and descriptions
 
     def fail(self, node: yaml.Node | None, key: str, message: str) -> NoReturn:
-        raise ConfigError(self.path, _line(node) if node is not None else None, key, message)
+        raise ConfigError(self.path, self._line(node) if node is not None else None, key, message)
 
     @staticmethod
     def describe(node: yaml.Node, *, secret: bool = False) -> str:
@@ -362,10 +386,14 @@ class _Walker:
                         name = str(k.value)
                         if name in first:
                             duplicates.append(
-                                (_line(k), _join(key, name), f"duplicate key (first at line {first[name]})")
+                                (
+                                    self._line(k),
+                                    _join(key, name),
+                                    f"duplicate key (first at line {first[name]})",
+                                )
                             )
                         else:
-                            first[name] = _line(k)
+                            first[name] = self._line(k)
                         stack.append((v, _join(key, name)))
                     else:
                         stack.append((v, key))
@@ -381,7 +409,7 @@ class _Walker:
             except yaml.MarkedYAMLError as e:
                 mark = e.problem_mark or e.context_mark
                 raise ConfigError(
-                    self.path, mark.line + 1 if mark else None, "", f"invalid YAML merge: {e.problem}"
+                    self.path, self.lines.of(mark) if mark else None, "", f"invalid YAML merge: {e.problem}"
                 ) from None
 
     @staticmethod
@@ -718,7 +746,7 @@ class _Walker:
             if url in urls:
                 other, line = urls[url]
                 self.fail(url_node, url_key, f"duplicate node url {url!r} (also {other}, line {line})")
-            urls[url] = (key, _line(url_node))
+            urls[url] = (key, self._line(url_node))
             if name_node is not None:
                 name_key = _join(key, "name")
                 name = self.string(name_node, name_key).strip()
@@ -734,7 +762,7 @@ class _Walker:
                 other, line = names[name]
                 fix = "" if name_node is not None else "; it comes from the url, so set name:"
                 self.fail(where, name_key, f"{what} (also {other}, line {line}){fix}")
-            names[name] = (key, _line(where))
+            names[name] = (key, self._line(where))
             if gpu.exporter_url and ("ca_file" in extra or "tls_verify" in extra):
                 gpu = replace(gpu, ca_file=extra.get("ca_file"), tls_verify=extra.get("tls_verify", True))
             out.append(NodeConfig(name=name, url=url, gpu=gpu, headers=headers, **extra))
@@ -812,7 +840,7 @@ class _Walker:
                     hkey,
                     f"duplicate header (header names ignore case; first at line {lower[name.lower()]})",
                 )
-            lower[name.lower()] = _line(name_node)
+            lower[name.lower()] = self._line(name_node)
             if not (isinstance(value_node, yaml.ScalarNode) and value_node.tag == _STR):
                 self.fail(
                     value_node, hkey, f"expected a string value, got {self.describe(value_node, secret=True)}"
@@ -889,7 +917,7 @@ class _Walker:
                 self.fail(
                     name_node, name_key, f"duplicate priority model {name!r} (also {other}, line {line})"
                 )
-            seen[name] = (key, _line(name_node))
+            seen[name] = (key, self._line(name_node))
             out.append(PriorityModel(name=name, replicas=replicas, nodes=allowed, num_ctx=num_ctx, pull=pull))
         return tuple(out)
 
@@ -995,7 +1023,8 @@ def parse_config(text: str, path: str = "<string>", *, environ: Mapping[str, str
 
     ``environ`` supplies ``${VAR}`` in header values (default: ``os.environ``).
     """
-    walker = _Walker(path, os.environ if environ is None else environ)
+    lines = _Lines(text)
+    walker = _Walker(path, os.environ if environ is None else environ, lines)
     try:
         root = _compose(text)
     except yaml.MarkedYAMLError as e:
@@ -1003,9 +1032,9 @@ def parse_config(text: str, path: str = "<string>", *, environ: Mapping[str, str
         message = f"invalid YAML: {e.problem or e.context}"
         if e.context and e.problem and e.context_mark is not None:
             # PyYAML's own order and wording: "while parsing X at line N, expected Y".
-            message = f"invalid YAML: {e.context} at line {e.context_mark.line + 1}, {e.problem}"
+            message = f"invalid YAML: {e.context} at line {lines.of(e.context_mark)}, {e.problem}"
         # No snippet of the file: the offending line might hold a header value.
-        raise ConfigError(path, mark.line + 1 if mark else None, "", message) from None
+        raise ConfigError(path, lines.of(mark) if mark else None, "", message) from None
     except yaml.reader.ReaderError as e:
         line = text.count("\n", 0, max(e.position, 0)) + 1
         raise ConfigError(

@@ -1013,6 +1013,29 @@ def test_later_error_lines_are_exact() -> None:
     assert str(err) == "config.yaml:10: priority_models[2].replicas: must be >= 1 or 'all', got -3"
 
 
+@pytest.mark.parametrize("odd", ["\r", "\x85", "\u2028", "\u2029"], ids=["CR", "NEL", "LS", "PS"])
+@pytest.mark.parametrize(
+    ("document", "want"),
+    [
+        ("# note{odd}# more\nnodes:\n  - http://a\npriority_models: 5\n", 4),  # a bad value
+        ("# note{odd}# more\nnodes:\n  - http://a\nnodes: [http://b]\n", 4),  # a duplicate key
+        ("# note{odd}# more\nnodes: [http://a,\n", 3),  # a YAML error naming its context's line
+    ],
+)
+def test_error_lines_are_the_lines_sed_shows(odd: str, document: str, want: int) -> None:
+    # YAML also ends a line at a lone CR, NEL, LS and PS: in a comment, such a break must not move
+    # the error's line (or a line the message names) from where an editor, grep or sed shows it.
+    def located(text: str) -> tuple[int | None, str]:
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, "config.yaml")
+        return info.value.line, info.value.message
+
+    text = document.format(odd=odd)
+    line, message = located(text)
+    assert (line, message) == located(document.format(odd=" "))
+    assert line == want
+
+
 # --------------------------------------------------------------------------- secrets
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from daemon_helpers import MakeDaemon, MakeNode, write_config
-from rawserver import Conn, RawServer, Serve
+from rawserver import RawServer, Serve, closed_after
 
 from gpu_router.config import load_config
 from gpu_router.daemon import Daemon
@@ -67,29 +67,15 @@ def make_daemon(make_node: MakeNode, tmp_path: Path) -> Iterator[MakeDaemon]:
 @pytest.fixture
 def serve() -> Iterator[Serve]:
     """Start raw HTTP servers (``RawServer``) with a connection handler; all closed at the end."""
-    servers: list[RawServer] = []
-
-    def start(handler: Callable[[Conn], None], **kw: Any) -> RawServer:
-        server = RawServer(handler, **kw)
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.close()
+    yield from closed_after(RawServer)
 
 
 @pytest.fixture
 def clients() -> Iterator[Callable[..., HttpClient]]:
     """Make HttpClients (never with the developer's own proxy settings); all closed at the end."""
-    made: list[HttpClient] = []
 
-    def make(url: str, **kw: Any) -> HttpClient:
+    def build(url: str, **kw: Any) -> HttpClient:
         kw.setdefault("proxies", ProxyConfig())
-        client = HttpClient(url, **kw)
-        made.append(client)
-        return client
+        return HttpClient(url, **kw)
 
-    yield make
-    for c in made:
-        c.close()
+    yield from closed_after(build)

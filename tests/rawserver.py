@@ -13,9 +13,10 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 TLS_DIR = Path(__file__).parent / "fixtures" / "tls"
@@ -257,3 +258,25 @@ def _pipe(conn: Conn, backend: socket.socket) -> None:
 
 # What the ``serve`` fixture (conftest.py) hands a test: start a RawServer with this handler.
 Serve = Callable[..., RawServer]
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+def closed_after(build: Callable[..., C]) -> Iterator[Callable[..., C]]:
+    """The body of a fixture that hands out ``build`` (a server or client maker): what the test
+    made is closed when it ends. ``yield from closed_after(...)`` in the fixture."""
+    made: list[C] = []
+
+    def make(*args: Any, **kw: Any) -> C:
+        thing = build(*args, **kw)
+        made.append(thing)
+        return thing
+
+    yield make
+    for thing in made:
+        thing.close()

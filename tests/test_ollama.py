@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from rawserver import CA_FILE, RawServer, response, serve_requests, server_tls_context
+from rawserver import CA_FILE, RawServer, closed_after, response, serve_requests, server_tls_context
 
 from gpu_router.ollama import (
     ApiError,
@@ -691,18 +691,12 @@ def ollama() -> Iterator[FakeOllama]:
 
 @pytest.fixture
 def make_client() -> Iterator[Callable[..., OllamaClient]]:
-    clients: list[OllamaClient] = []
-
-    def make(
+    def build(
         url: str, *, timeout_s: float = 5.0, headers: dict[str, str] | None = None, **kw: Any
     ) -> OllamaClient:
-        client = OllamaClient("gpu1", url, timeout_s=timeout_s, headers=headers, **kw)
-        clients.append(client)
-        return client
+        return OllamaClient("gpu1", url, timeout_s=timeout_s, headers=headers, **kw)
 
-    yield make
-    for client in clients:
-        client.close()
+    yield from closed_after(build)
 
 
 @pytest.fixture

@@ -7,29 +7,28 @@ import json
 import selectors
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from daemon_helpers import wait_until
 from rawserver import Conn, Request, Serve, response, serve_requests
 
-from gpu_router.transport import HttpClient, Pending, ProxyConfig, StaleConnection, TransportError
+from gpu_router.transport import HttpClient, Pending, StaleConnection, TransportError
 
 T = 10.0
 
 
 @pytest.fixture
-def client_for() -> Iterator[Callable[[str], HttpClient]]:
-    made: list[HttpClient] = []
+def client_for(clients: Callable[..., HttpClient]) -> Callable[[str], HttpClient]:
+    return lambda url: clients(url, timeout_s=T)
 
-    def make(url: str) -> HttpClient:
-        c = HttpClient(url, timeout_s=T, proxies=ProxyConfig())
-        made.append(c)
-        return c
 
-    yield make
-    for c in made:
-        c.close()
+def started_ps(client: HttpClient) -> Pending:
+    """``GET /api/ps`` started on the kept-alive connection a first request leaves idle."""
+    client.request("GET", "/api/version")
+    pending = client.start("GET", "/api/ps")
+    assert pending is not None
+    return pending
 
 
 def ps_body(req: Request) -> bytes:
@@ -81,9 +80,7 @@ def test_an_answer_in_pieces_is_not_complete_until_it_is_all_there(
 
     server = serve(halves)
     client = client_for(server.url)
-    client.request("GET", "/api/version")
-    pending = client.start("GET", "/api/ps")
-    assert pending is not None
+    pending = started_ps(client)
     wait_readable(pending)
     assert not pending.complete()  # headers and part of the body: finish() would have to wait
     release.set()
@@ -98,9 +95,7 @@ def test_a_chunked_answer_is_complete_at_its_last_chunk(
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
     server = serve(serve_requests(lambda req: head + chunks))
     client = client_for(server.url)
-    client.request("GET", "/api/version")
-    pending = client.start("GET", "/api/ps")
-    assert pending is not None
+    pending = started_ps(client)
     wait_until(pending.complete, what="the last chunk")
     assert pending.finish().body == b"hello world"
 
@@ -130,9 +125,7 @@ def test_complete_never_says_yes_to_an_answer_finish_would_wait_for(
 
     server = serve(second_answer_then_hold)
     client = client_for(server.url)
-    client.request("GET", "/api/version")
-    pending = client.start("GET", "/api/ps")
-    assert pending is not None
+    pending = started_ps(client)
     wait_readable(pending)
     time.sleep(0.1)  # the whole answer is in: one send
     if pending.complete():
@@ -155,9 +148,7 @@ def test_a_connection_the_server_dropped_says_stale(
 
     server = serve(one_answer)
     client = client_for(server.url)
-    client.request("GET", "/api/version")
-    pending = client.start("GET", "/api/ps")
-    assert pending is not None
+    pending = started_ps(client)
     wait_until(pending.complete, what="the close")
     with pytest.raises(StaleConnection):
         pending.finish()

@@ -38,7 +38,7 @@ else:
         return lambda f: f
 
 
-__all__ = ["MISSING", "Field", "asdict", "field", "fields", "is_record", "record", "replace"]
+__all__ = ["MISSING", "Field", "asdict", "field", "field_names", "fields", "is_record", "record", "replace"]
 
 COMPILE_AFTER: Final = 32
 """Instances of a class built by the generic `__init__` before its own is compiled (~0.4 ms)."""
@@ -224,6 +224,12 @@ def is_record(obj: object) -> bool:
 def fields(obj: object) -> tuple[Field, ...]:
     """The fields of a record class or instance, in order."""
     return _spec(obj).fields
+
+
+def field_names(obj: object) -> tuple[str, ...] | None:
+    """The field names of a record class or instance, in order; None for anything else."""
+    spec = getattr(obj, "__record_spec__", None)
+    return spec.names if isinstance(spec, _Spec) else None
 
 
 if not TYPE_CHECKING:

@@ -197,24 +197,19 @@ def to_json(row: object) -> Json:
 
 _ATOMS = frozenset({str, int, float, bool, type(None)})
 _PRIORITY_ONLY = frozenset({"replicas_wanted", "replicas_on_gpu"})
-# Field names per record class, looked up once: fields() on every record was most of
-# the time a 500-node report took to print (6,000 verdict rows).
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _to_json(value: object) -> object:
     cls = type(value)
     if cls in _ATOMS:
         return value
-    names = _FIELD_NAMES.get(cls)
+    names = records.field_names(cls)
     if names is None:
-        if not records.is_record(cls):
-            if isinstance(value, tuple):
-                return [_to_json(v) for v in value]
-            if isinstance(value, datetime):
-                return value.isoformat()
-            return value
-        names = _FIELD_NAMES.setdefault(cls, tuple(f.name for f in records.fields(cls)))
+        if isinstance(value, tuple):
+            return [_to_json(v) for v in value]
+        if isinstance(value, datetime):
+            return value.isoformat()
+        return value
     out = {}
     for name in names:
         v = getattr(value, name)

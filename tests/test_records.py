@@ -183,6 +183,9 @@ def test_the_records_own_helpers() -> None:
     assert records.replace(o, inner=Inner(9)).inner == Inner(9)
     assert records.replace(o, inner=Inner(9)).many is o.many
     assert [f.name for f in records.fields(Outer)] == ["inner", "many", "pair", "by_name"]
+    assert records.field_names(Outer) == records.field_names(o) == ("inner", "many", "pair", "by_name")
+    assert records.field_names(Pair(1, 2)) is None
+    assert records.field_names(RecDc) is None
     assert records.fields(Rec)[2].default == 0.5
     assert records.fields(Rec)[4].default is records.MISSING
     assert records.is_record(o)

@@ -285,14 +285,19 @@ class _Lines:
     """
 
     def __init__(self, text: str) -> None:
+        self._text = text
         self._lfs: list[int] | None = None
         if _YAML_ONLY_BREAK.search(text):
             self._lfs = [m.start() for m in re.finditer("\n", text)]
 
     def of(self, mark: yaml.Mark) -> int:
+        return int(mark.line) + 1 if self._lfs is None else self.at(mark.index)
+
+    def at(self, index: int) -> int:
+        """The line of the character at ``index`` of the text: the LFs before it, plus one."""
         if self._lfs is None:
-            return int(mark.line) + 1
-        return bisect_left(self._lfs, mark.index) + 1  # the LFs before the mark, plus one
+            return self._text.count("\n", 0, max(index, 0)) + 1
+        return bisect_left(self._lfs, index) + 1
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -1036,9 +1041,8 @@ def parse_config(text: str, path: str = "<string>", *, environ: Mapping[str, str
         # No snippet of the file: the offending line might hold a header value.
         raise ConfigError(path, lines.of(mark) if mark else None, "", message) from None
     except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, max(e.position, 0)) + 1
         raise ConfigError(
-            path, line, "", f"invalid YAML: character #x{e.character:04x}: {e.reason}"
+            path, lines.at(e.position), "", f"invalid YAML: character #x{e.character:04x}: {e.reason}"
         ) from None
     except yaml.YAMLError as e:
         raise ConfigError(path, None, "", f"invalid YAML: {type(e).__name__}") from None

@@ -1020,6 +1020,7 @@ def test_later_error_lines_are_exact() -> None:
         ("# note{odd}# more\nnodes:\n  - http://a\npriority_models: 5\n", 4),  # a bad value
         ("# note{odd}# more\nnodes:\n  - http://a\nnodes: [http://b]\n", 4),  # a duplicate key
         ("# note{odd}# more\nnodes: [http://a,\n", 3),  # a YAML error naming its context's line
+        ("# note{odd}# more\nnodes: [http://a]\n\x07\n", 3),  # a character YAML refuses to read
     ],
 )
 def test_error_lines_are_the_lines_sed_shows(odd: str, document: str, want: int) -> None:
